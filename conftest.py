@@ -1,0 +1,21 @@
+"""Shared test fixture: the real CIFAR-100 copy, when this machine has one (tests that need it skip otherwise)."""
+import pathlib
+import tarfile
+
+import pytest
+
+PROJECT = pathlib.Path(__file__).resolve().parent
+SHARED_ARCHIVE = PROJECT.parent / "shared" / "data" / "cifar-100-python.tar.xz"
+
+
+@pytest.fixture(scope="session")
+def cifar100_root(tmp_path_factory):
+    """A folder holding cifar-100-python/: ./data if unpacked there, else ../shared/data unpacked once per session."""
+    if (PROJECT / "data" / "cifar-100-python" / "train").exists():
+        return PROJECT / "data"
+    if not SHARED_ARCHIVE.exists():
+        pytest.skip(f"no CIFAR-100 copy: neither ./data/cifar-100-python nor {SHARED_ARCHIVE}")
+    target = tmp_path_factory.mktemp("cifar100")
+    with tarfile.open(SHARED_ARCHIVE) as archive:
+        archive.extractall(target, filter="data")  # "data" filter: no absolute paths, links or devices
+    return target
