@@ -1,0 +1,134 @@
+"""Time distillation training steps: the field's reference-style pipeline against this project's train.py step.
+
+    python bench.py --teacher resnet32x4 --student resnet8x4            # on a GPU: the speed table of the README
+    python bench.py --teacher resnet8 --student resnet8 --steps 3 --num-images 256 --workers 0   # CPU smoke run
+
+(a) reference: PIL transforms (RandomCrop(32, padding=4), flip, ToTensor, Normalize) in DataLoader workers, fp32,
+    eager, and a `.item()` per step, as RepDistiller-style loops do for their meters.
+(b) project: train.py's step: data.Loader on the device, bf16 autocast, channels_last, torch.compile, fused SGD,
+    no per-step host sync (each switched on by train.py's CUDA defaults).
+Both compute the same objective (train.make_loss_fn) on synthetic uint8 images of CIFAR shape.
+"""
+import argparse
+import itertools
+import time
+
+import numpy as np
+import torch
+from PIL import Image
+
+import data
+import train
+
+EPOCH_IMAGES, RECIPE_EPOCHS = 50_000, 240
+
+
+class PILImages(torch.utils.data.Dataset):
+    """Images as the reference codebases see them: one HWC uint8 array per sample through PIL transforms."""
+
+    def __init__(self, images, labels):
+        from torchvision import transforms
+        self.images = images.permute(0, 2, 3, 1).numpy()
+        self.labels = labels.tolist()
+        self.transform = transforms.Compose([
+            transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip(), transforms.ToTensor(),
+            transforms.Normalize(data.CIFAR100_MEAN, data.CIFAR100_STD)])
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, index):
+        return self.transform(Image.fromarray(self.images[index])), self.labels[index]
+
+
+def step_config(args, method, optimised):
+    argv = ["--student", args.student, "--method", method, "--device", args.device]
+    argv += ["--teacher", args.teacher] if method != "none" else []
+    argv += [] if optimised else ["--no-bf16", "--no-channels-last", "--no-compile"]
+    return train.resolve_config(train.parse_args(argv))
+
+
+def time_pipeline(args, method, optimised, images, labels):
+    """Seconds per step after warm-up, and the seconds of the warm-up (compilation included)."""
+    config = step_config(args, method, optimised)
+    teacher = train.build_on_device(args.teacher, config).eval().requires_grad_(False) if method != "none" else None
+    student, distill, optimizer = train.build_student(config, teacher)
+    loss_fn = train.make_loss_fn(student, teacher, distill, config)
+    if optimised:
+        batches = itertools.chain.from_iterable(itertools.repeat(
+            data.Loader(images, labels, args.batch_size, True, args.device)))
+    else:
+        loader = torch.utils.data.DataLoader(PILImages(images, labels), args.batch_size, shuffle=True,
+                                             num_workers=args.workers, pin_memory=args.device == "cuda",
+                                             persistent_workers=args.workers > 0)
+        batches = itertools.chain.from_iterable(itertools.repeat(loader))
+        optimizer = torch.optim.SGD(optimizer.param_groups[0]["params"], lr=config["lr"], momentum=0.9,
+                                    weight_decay=config["weight_decay"])  # torch's default (foreach) SGD
+
+    def step():
+        x, y = next(batches)
+        x, y = x.to(args.device, non_blocking=True), y.to(args.device, non_blocking=True)
+        if config["channels_last"]:
+            x = x.contiguous(memory_format=torch.channels_last)
+        total, _, correct = loss_fn(x, y)
+        optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        optimizer.step()
+        if not optimised:
+            total.item(), correct.item()  # the reference loops' meters: a host sync every step
+
+    synchronize = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
+    started = time.perf_counter()
+    for _ in range(args.warmup):
+        step()
+    synchronize()
+    warmup = time.perf_counter() - started
+    started = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    synchronize()
+    return (time.perf_counter() - started) / args.steps, warmup
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--teacher", default="resnet32x4", help="teacher architecture (random weights: timing only)")
+    p.add_argument("--student", default="resnet8x4", help="student architecture")
+    p.add_argument("--methods", nargs="+", choices=train.METHODS, default=list(train.METHODS), help="objectives")
+    p.add_argument("--pipelines", nargs="+", choices=("reference", "project"), default=["reference", "project"])
+    p.add_argument("--steps", type=int, default=200, help="timed steps per measurement")
+    p.add_argument("--warmup", type=int, default=30, help="untimed steps first (compilation, cuDNN autotuning)")
+    p.add_argument("--batch-size", type=int, default=64, help="batch size")
+    p.add_argument("--workers", type=int, default=2, help="DataLoader workers of the reference pipeline")
+    p.add_argument("--num-images", type=int, default=EPOCH_IMAGES, help="synthetic training images")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
+    args = p.parse_args(argv)
+
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (args.num_images, 3, 32, 32), dtype=torch.uint8, generator=generator)
+    labels = torch.randint(0, 100, (args.num_images,), generator=generator)
+    print(f"{args.teacher} -> {args.student}, batch {args.batch_size}, {args.steps} timed steps after "
+          f"{args.warmup}, device {torch.cuda.get_device_name() if args.device == 'cuda' else 'cpu'}, "
+          f"torch {torch.__version__}")
+    results = {}
+    for method, pipeline in itertools.product(args.methods, args.pipelines):
+        step_s, warmup_s = time_pipeline(args, method, pipeline == "project", images, labels)
+        ips = args.batch_size / step_s
+        results[method, pipeline] = {"step_ms": 1e3 * step_s, "images_per_s": ips, "warmup_s": warmup_s,
+                                     "recipe_minutes": RECIPE_EPOCHS * EPOCH_IMAGES / ips / 60}
+        print(f"{method:4s} {pipeline:9s}  {1e3 * step_s:7.2f} ms/step  {ips:9.0f} img/s  "
+              f"240 epochs in {results[method, pipeline]['recipe_minutes']:7.1f} min  (warm-up {warmup_s:.1f} s)")
+    for method in args.methods:
+        if (method, "reference") in results and (method, "project") in results:
+            speedup = results[method, "project"]["images_per_s"] / results[method, "reference"]["images_per_s"]
+            print(f"{method}: project / reference = {speedup:.1f}x")
+    for pipeline in args.pipelines:
+        for baseline in ("none", "kd"):
+            if ("srd", pipeline) in results and (baseline, pipeline) in results:
+                ratio = results["srd", pipeline]["step_ms"] / results[baseline, pipeline]["step_ms"]
+                print(f"{pipeline}: srd step time / {baseline} step time = {ratio:.2f}")
+    return results
+
+
+if __name__ == "__main__":
+    main()

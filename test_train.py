@@ -1,0 +1,172 @@
+"""train.py end to end on CPU: tiny models, fake data, a couple of epochs each."""
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import data
+import models
+import train
+
+TINY = ["--dataset", "fake", "--epochs", "2", "--device", "cpu"]
+OUTPUTS = ("config.json", "log.csv", "last.pt", "best.pt", "summary.json")
+CHANCE = 1.0  # % on 100 classes
+
+
+@pytest.fixture(scope="module")
+def teacher_checkpoint(tmp_path_factory):
+    """A resnet8 trained alone for 2 epochs, re-saved in the published ckpt_epoch_240.pth layout."""
+    folder = tmp_path_factory.mktemp("teacher")
+    summary = train.main(["--student", "resnet8", *TINY, "--out", str(folder / "run")])
+    ours = torch.load(folder / "run" / "last.pt", weights_only=True)
+    published = {"model": ours["model"], "epoch": 240, "accuracy": torch.tensor(ours["accuracy"]),
+                 "optimizer": ours["optimizer"]}
+    torch.save(published, folder / "ckpt_epoch_240.pth")
+    return folder / "ckpt_epoch_240.pth", summary
+
+
+def read_log(folder):
+    with open(folder / "log.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def test_student_alone_writes_every_output_and_learns(teacher_checkpoint):
+    _, summary = teacher_checkpoint
+    folder = teacher_checkpoint[0].parent / "run"
+    assert all((folder / name).exists() for name in OUTPUTS)
+    assert [int(r["epoch"]) for r in read_log(folder)] == [1, 2]
+    assert summary["last_epoch"] == 2 and summary["best_accuracy"] >= summary["last_accuracy"]
+    assert summary["last_accuracy"] > 5 * CHANCE
+    checkpoint = torch.load(folder / "last.pt", weights_only=True)
+    model = models.build_model("resnet8")
+    model.load_state_dict(checkpoint["model"])  # the published format: other codebases load it the same way
+
+
+@pytest.mark.parametrize("method", ["srd", "kd"])
+def test_distillation_with_published_teacher(method, teacher_checkpoint, tmp_path, capsys):
+    path, teacher_summary = teacher_checkpoint
+    summary = train.main(["--teacher", "resnet8", "--teacher-ckpt", str(path), "--student", "resnet8",
+                          "--method", method, *TINY, "--out", str(tmp_path / "run")])
+    assert all((tmp_path / "run" / name).exists() for name in OUTPUTS)
+    assert summary["teacher_accuracy"] == pytest.approx(teacher_summary["last_accuracy"])
+    assert f"teacher resnet8 test accuracy {teacher_summary['last_accuracy']:.2f}" in capsys.readouterr().out
+    assert summary["last_accuracy"] > 5 * CHANCE
+    rows = read_log(tmp_path / "run")
+    used = {"srd": "loss_feat", "kd": "loss_kd"}[method]
+    assert all(float(r[used]) != 0 for r in rows)
+    if method == "srd":
+        assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["projector"]  # projector saved
+
+
+def test_teacher_is_trained_first_when_absent(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    summary = train.main(["--teacher", "resnet8", "--student", "resnet8", *TINY[:2], "--epochs", "1",
+                          "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert "training it first, into runs/fake/resnet8" in out
+    assert (tmp_path / "runs/fake/resnet8/summary.json").exists()
+    assert (tmp_path / "runs/fake/resnet8-resnet8-srd-seed0/summary.json").exists()
+    teacher_summary = json.loads((tmp_path / "runs/fake/resnet8/summary.json").read_text())
+    assert summary["teacher_accuracy"] == pytest.approx(teacher_summary["last_accuracy"])
+
+
+def test_resume_equals_uninterrupted_run(tmp_path):
+    common = ["--student", "resnet8", "--dataset", "fake", "--device", "cpu"]
+    train.main([*common, "--epochs", "3", "--out", str(tmp_path / "straight")])
+    train.main([*common, "--epochs", "2", "--out", str(tmp_path / "resumed")])
+    train.main([*common, "--epochs", "3", "--out", str(tmp_path / "resumed"), "--resume"])
+    straight = torch.load(tmp_path / "straight/last.pt", weights_only=True)
+    resumed = torch.load(tmp_path / "resumed/last.pt", weights_only=True)
+    assert straight["epoch"] == resumed["epoch"] == 3
+    for key, tensor in straight["model"].items():
+        assert torch.equal(tensor, resumed["model"][key]), key
+    untimed = [c for c in train.LOG_COLUMNS if c not in ("epoch_time_s", "images_per_s")]
+    assert [[r[c] for c in untimed] for r in read_log(tmp_path / "straight")] == \
+           [[r[c] for c in untimed] for r in read_log(tmp_path / "resumed")]
+
+
+def test_projector_is_optimised_and_changes():
+    config = train.resolve_config(train.parse_args(["--teacher", "resnet8", "--student", "resnet8", *TINY]))
+    teacher = models.build_model("resnet8").eval().requires_grad_(False)
+    student, distill, optimizer = train.build_student(config, teacher)
+    optimised = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    projector = list(distill.projector.parameters())
+    assert projector and all(id(p) in optimised for p in projector)
+    before = [p.detach().clone() for p in projector]
+    images, labels = data.fake_cifar100(128, seed=0)
+    loader = data.Loader(images, labels, 64, True, "cpu")
+    loss_fn = train.make_loss_fn(student, teacher, distill, config)
+    train.train_one_epoch(loss_fn, optimizer, loader, config)
+    assert all(not torch.equal(b, p) for b, p in zip(before, projector))
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--student", "resnet9"], "invalid choice: 'resnet9'"),
+    (["--student", "resnet8", "--batch-size", "1"], "--batch-size must be at least 2"),
+    (["--student", "resnet8", "--method", "srd"], "--method srd needs --teacher"),
+])
+def test_bad_arguments_fail_fast(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_unknown_model_lists_the_valid_ones(capsys):
+    with pytest.raises(SystemExit):
+        train.main(["--student", "resnet8", "--teacher", "resnet999"])
+    error = capsys.readouterr().err
+    assert "resnet999" in error and all(name in error for name in models.MODEL_NAMES)
+
+
+def test_teacher_checkpoint_of_another_architecture(teacher_checkpoint, tmp_path):
+    path, _ = teacher_checkpoint
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(["--teacher", "resnet14", "--teacher-ckpt", str(path), "--student", "resnet8", *TINY,
+                    "--out", str(tmp_path / "run")])
+    assert "teacher checkpoint" in str(exit_info.value.code) and "layer1.1" in str(exit_info.value.code)
+
+
+def test_missing_data_without_download(tmp_path):
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(["--student", "resnet8", "--data-dir", str(tmp_path / "nowhere"), "--no-download",
+                    "--device", "cpu", "--out", str(tmp_path / "run")])
+    assert str(tmp_path / "nowhere") in str(exit_info.value.code)
+
+
+def test_existing_run_is_never_overwritten(teacher_checkpoint):
+    folder = teacher_checkpoint[0].parent / "run"
+    before = (folder / "last.pt").read_bytes()
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(["--student", "resnet8", *TINY, "--out", str(folder)])
+    assert "--resume" in str(exit_info.value.code)
+    assert (folder / "last.pt").read_bytes() == before
+
+
+def test_non_finite_loss_stops_with_the_epoch(tmp_path):
+    # lr 1e6 makes the weights, hence the loss, overflow in the first epoch
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(["--student", "resnet8", *TINY, "--lr", "1e6", "--out", str(tmp_path / "run")])
+    assert "non-finite loss in epoch 1" in str(exit_info.value.code)
+    assert not (tmp_path / "run" / "last.pt").exists()
+
+
+def test_command_line_exit_status(tmp_path):
+    result = subprocess.run([sys.executable, "train.py", "--student", "resnet8", "--no-download",
+                             "--data-dir", str(tmp_path / "nowhere"), "--device", "cpu",
+                             "--out", str(tmp_path / "run")],
+                            cwd=Path(__file__).parent, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and "error:" in result.stderr
+
+
+def test_short_real_data_run_learns(cifar100_root, tmp_path):
+    (train_images, train_labels) = data.load_cifar100(cifar100_root, train=True)
+    test_set = data.load_cifar100(cifar100_root, train=False)
+    subset = ((train_images[:5000], train_labels[:5000]), (test_set[0][:1000], test_set[1][:1000]))
+    config = train.resolve_config(train.parse_args(["--student", "resnet8", "--epochs", "2", "--device", "cpu"]))
+    summary = train.run(config, tmp_path / "run", datasets=subset)
+    assert summary["last_accuracy"] > 3 * CHANCE
