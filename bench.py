@@ -13,7 +13,6 @@ import argparse
 import itertools
 import time
 
-import numpy as np
 import torch
 from PIL import Image
 

@@ -1,8 +1,9 @@
-"""Shared test fixture: the real CIFAR-100 copy, when this machine has one (tests that need it skip otherwise)."""
+"""Shared test fixtures: the real CIFAR-100 copy when this machine has one, and single-threaded torch."""
 import pathlib
 import tarfile
 
 import pytest
+import torch
 
 PROJECT = pathlib.Path(__file__).resolve().parent
 SHARED_ARCHIVE = PROJECT.parent / "shared" / "data" / "cifar-100-python.tar.xz"
@@ -19,3 +20,14 @@ def cifar100_root(tmp_path_factory):
     with tarfile.open(SHARED_ARCHIVE) as archive:
         archive.extractall(target, filter="data")  # "data" filter: no absolute paths, links or devices
     return target
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """For modules of small tensors, where a second thread adds hand-off cost (far more on a busy 2-core machine).
+
+    Training tests (batch-64 convolutions) keep both threads: there they pay."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

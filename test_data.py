@@ -11,17 +11,10 @@ import torchvision.transforms.functional as TF
 
 import data
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 MEAN = torch.tensor([0.5071, 0.4867, 0.4408]).view(1, 3, 1, 1)
 STD = torch.tensor([0.2675, 0.2565, 0.2761]).view(1, 3, 1, 1)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tests are many small tensor ops, where threads cost more than they save (and stall on busy cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 VIEWS = [(flip, top, left) for flip in (0, 1) for top in range(9) for left in range(9)]  # view k = 81 flip + 9 top + left

@@ -14,16 +14,9 @@ import torch.nn as nn
 import losses
 from losses import DISTANCES, NORMS, PROJECTORS, FeatureDistillation, kd_loss
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 BN_EPS, LOG_FLOOR, CORR_FLOOR = 1e-4, 1e-12, 1e-5  # the constants losses.py documents, restated independently
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tensors are tiny: a second thread only adds hand-off cost, and much more on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def features(batch, dim, seed, dtype=torch.float64):

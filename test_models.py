@@ -7,6 +7,8 @@ import torch.nn.functional as F
 
 from models import MODEL_NAMES, build_model, load_weights
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 # Published by the zoo (ZOO.md), num_classes=100: name -> (parameters, pooled feature width).
 PUBLISHED = {
     "resnet8": (83_892, 64), "resnet14": (181_108, 64), "resnet20": (278_324, 64), "resnet32": (472_756, 64),
@@ -19,15 +21,6 @@ PUBLISHED = {
 }
 GRADIENT_CHECKED = [n for n in MODEL_NAMES if n.startswith(("resnet", "wrn"))] + [
     "vgg8", "MobileNetV2", "ShuffleV1", "ShuffleV2", "ResNet50"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Batch-2 ops are too small to split across threads; on a shared CPU the thread hand-offs cost 10x the work."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @functools.lru_cache(maxsize=None)

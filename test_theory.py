@@ -4,10 +4,10 @@ The notebook's own asserts are the checks (each derivation against autograd and 
 its code cells in order, in one namespace, as a script would.
 """
 import json
-import os
 import pathlib
 
-import pytest
+import matplotlib
+import torch
 
 NOTEBOOK = pathlib.Path(__file__).resolve().parent / "theory.ipynb"
 
@@ -34,10 +34,9 @@ def test_notebook_has_saved_outputs():
 
 
 def test_notebook_runs_top_to_bottom(monkeypatch):
-    monkeypatch.setenv("MPLBACKEND", "Agg")
+    matplotlib.use("Agg")  # headless: figures render to memory
+    import matplotlib.pyplot as plt
     monkeypatch.chdir(NOTEBOOK.parent)  # `import losses` resolves to this project's file
-    plt = pytest.importorskip("matplotlib.pyplot")
-    torch = pytest.importorskip("torch")
     threads = torch.get_num_threads()  # the notebook sets 1 thread; give the other tests theirs back
     namespace = {"__name__": "__main__"}
     try:
