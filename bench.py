@@ -66,15 +66,10 @@ def time_pipeline(args, method, optimised, images, labels):
 
     def step():
         x, y = next(batches)
-        x, y = x.to(args.device, non_blocking=True), y.to(args.device, non_blocking=True)
-        if config["channels_last"]:
-            x = x.contiguous(memory_format=torch.channels_last)
-        total, _, correct = loss_fn(x, y)
-        optimizer.zero_grad(set_to_none=True)
-        total.backward()
-        optimizer.step()
+        terms, correct = train.train_step(loss_fn, optimizer, x.to(args.device, non_blocking=True),
+                                          y.to(args.device, non_blocking=True), config)
         if not optimised:
-            total.item(), correct.item()  # the reference loops' meters: a host sync every step
+            terms[3].item(), correct.item()  # the reference loops' meters: a host sync every step
 
     synchronize = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
     started = time.perf_counter()

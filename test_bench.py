@@ -25,7 +25,7 @@ def two_steps(optimised, method="srd"):
     for _ in range(2):
         if config["channels_last"]:
             x = x.contiguous(memory_format=torch.channels_last)
-        total, terms, correct = loss_fn(x, y)
+        total, terms, _ = loss_fn(x, y)
         optimizer.zero_grad(set_to_none=True)
         total.backward()
         first_gradients = first_gradients or [p.grad.clone() for p in parameters]

@@ -138,10 +138,10 @@ def make_loss_fn(student, teacher, distill, config):
     """The per-batch objective: CE, plus the feature distance D and/or KD when a teacher is present.
 
     Returns (total, terms, correct) as device tensors: nothing here forces a CPU-GPU sync."""
-    amp = torch.autocast(torch.device(config["device"]).type, torch.bfloat16, enabled=config["bf16"])
+    device_type = torch.device(config["device"]).type
 
     def loss_fn(images, labels):
-        with amp:
+        with torch.autocast(device_type, torch.bfloat16, enabled=config["bf16"]):
             logits, features = student(images, return_features=True)
             ce = F.cross_entropy(logits.float(), labels)
             feat = kd = torch.zeros((), device=images.device)
@@ -178,18 +178,24 @@ def evaluate(model, loader, config):
     return 100.0 * correct.item() / loader.num_samples
 
 
+def train_step(loss_fn, optimizer, images, labels, config):
+    """One SGD step; returns the loss terms and the correct count as device tensors (no host sync)."""
+    if config["channels_last"]:
+        images = images.contiguous(memory_format=torch.channels_last)
+    total, terms, correct = loss_fn(images, labels)
+    optimizer.zero_grad(set_to_none=True)
+    total.backward()
+    optimizer.step()
+    return terms, correct
+
+
 def train_one_epoch(loss_fn, optimizer, loader, config, estimate_epochs=0):
     """One pass over the training set; returns the mean loss terms (ce, feat, kd, total) and train accuracy (%)."""
     sums = torch.zeros(4, device=config["device"])  # summed over samples on the device: no sync per step
     correct = torch.zeros((), dtype=torch.long, device=config["device"])
     started = time.time()
     for step, (images, labels) in enumerate(loader):
-        if config["channels_last"]:
-            images = images.contiguous(memory_format=torch.channels_last)
-        total, terms, batch_correct = loss_fn(images, labels)
-        optimizer.zero_grad(set_to_none=True)
-        total.backward()
-        optimizer.step()
+        terms, batch_correct = train_step(loss_fn, optimizer, images, labels, config)
         sums += terms * labels.shape[0]
         correct += batch_correct
         if config["device"] == "cpu" and estimate_epochs and step == 9:  # the CPU is synchronous: time is real
