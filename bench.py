@@ -5,7 +5,7 @@
 
 (a) reference: PIL transforms (RandomCrop(32, padding=4), flip, ToTensor, Normalize) in DataLoader workers, fp32,
     eager, and a `.item()` per step, as RepDistiller-style loops do for their meters.
-(b) project: train.py's step: data.Loader on the device, bf16 autocast, channels_last, torch.compile, fused SGD,
+(b) project: train.train_step: data.Loader on the device, bf16 autocast, channels_last, torch.compile, fused SGD,
     no per-step host sync (each switched on by train.py's CUDA defaults).
 Both compute the same objective (train.make_loss_fn) on synthetic uint8 images of CIFAR shape.
 """
@@ -93,11 +93,12 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=200, help="timed steps per measurement")
     p.add_argument("--warmup", type=int, default=30, help="untimed steps first (compilation, cuDNN autotuning)")
     p.add_argument("--batch-size", type=int, default=64, help="batch size")
-    p.add_argument("--workers", type=int, default=2, help="DataLoader workers of the reference pipeline")
+    p.add_argument("--workers", type=int, default=8, help="reference DataLoader workers (RepDistiller: 8)")
     p.add_argument("--num-images", type=int, default=EPOCH_IMAGES, help="synthetic training images")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
     args = p.parse_args(argv)
 
+    torch.backends.cudnn.benchmark = True  # both pipelines, as RepDistiller and train.py set it
     generator = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (args.num_images, 3, 32, 32), dtype=torch.uint8, generator=generator)
     labels = torch.randint(0, 100, (args.num_images,), generator=generator)

@@ -8,7 +8,7 @@ import train
 
 def two_steps(optimised, method="srd"):
     """Two training steps of resnet8 -> resnet8 on CPU in fp32; returns the losses, first gradients and weights."""
-    flags = ["--channels-last", "--compile"] if optimised else ["--no-channels-last", "--no-compile"]
+    flags = ["--channels-last", "--compile", "--fused-sgd"] if optimised else ["--no-channels-last", "--no-compile"]
     config = train.resolve_config(train.parse_args(["--teacher", "resnet8", "--student", "resnet8", "--method",
                                                     method, "--device", "cpu", "--no-bf16", *flags]))
     torch.manual_seed(1)

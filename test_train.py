@@ -39,7 +39,11 @@ def test_student_alone_writes_every_output_and_learns(teacher_checkpoint):
     folder = teacher_checkpoint[0].parent / "run"
     assert all((folder / name).exists() for name in OUTPUTS)
     assert [int(r["epoch"]) for r in read_log(folder)] == [1, 2]
-    assert summary["last_epoch"] == 2 and summary["best_accuracy"] >= summary["last_accuracy"]
+    rows = read_log(folder)
+    accuracies = [float(r["test_acc"]) for r in rows]
+    assert summary["last_epoch"] == 2 and summary["last_accuracy"] == pytest.approx(accuracies[-1])
+    assert summary["best_accuracy"] == pytest.approx(max(accuracies))
+    assert summary["best_epoch"] == 1 + accuracies.index(max(accuracies))
     assert summary["last_accuracy"] > 5 * CHANCE
     checkpoint = torch.load(folder / "last.pt", weights_only=True)
     model = models.build_model("resnet8")
@@ -74,16 +78,19 @@ def test_teacher_is_trained_first_when_absent(tmp_path, monkeypatch, capsys):
     assert summary["teacher_accuracy"] == pytest.approx(teacher_summary["last_accuracy"])
 
 
-def test_resume_equals_uninterrupted_run(tmp_path):
-    common = ["--student", "resnet8", "--dataset", "fake", "--device", "cpu"]
+def test_resume_equals_uninterrupted_run(teacher_checkpoint, tmp_path):
+    # the paper's method, so the projector and its optimizer state must come back too
+    common = ["--teacher", "resnet8", "--teacher-ckpt", str(teacher_checkpoint[0]), "--student", "resnet8",
+              "--dataset", "fake", "--device", "cpu"]
     train.main([*common, "--epochs", "3", "--out", str(tmp_path / "straight")])
     train.main([*common, "--epochs", "2", "--out", str(tmp_path / "resumed")])
     train.main([*common, "--epochs", "3", "--out", str(tmp_path / "resumed"), "--resume"])
     straight = torch.load(tmp_path / "straight/last.pt", weights_only=True)
     resumed = torch.load(tmp_path / "resumed/last.pt", weights_only=True)
     assert straight["epoch"] == resumed["epoch"] == 3
-    for key, tensor in straight["model"].items():
-        assert torch.equal(tensor, resumed["model"][key]), key
+    for part in ("model", "projector"):
+        for key, tensor in straight[part].items():
+            assert torch.equal(tensor, resumed[part][key]), (part, key)
     untimed = [c for c in train.LOG_COLUMNS if c not in ("epoch_time_s", "images_per_s")]
     assert [[r[c] for c in untimed] for r in read_log(tmp_path / "straight")] == \
            [[r[c] for c in untimed] for r in read_log(tmp_path / "resumed")]
@@ -117,8 +124,9 @@ def test_bad_arguments_fail_fast(argv, message, capsys):
 
 
 def test_unknown_model_lists_the_valid_ones(capsys):
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as exit_info:
         train.main(["--student", "resnet8", "--teacher", "resnet999"])
+    assert exit_info.value.code == 2
     error = capsys.readouterr().err
     assert "resnet999" in error and all(name in error for name in models.MODEL_NAMES)
 
@@ -170,3 +178,28 @@ def test_short_real_data_run_learns(cifar100_root, tmp_path):
     config = train.resolve_config(train.parse_args(["--student", "resnet8", "--epochs", "2", "--device", "cpu"]))
     summary = train.run(config, tmp_path / "run", datasets=subset)
     assert summary["last_accuracy"] > 3 * CHANCE
+
+
+def test_lr_schedule_follows_crd():
+    config = train.resolve_config(train.parse_args(["--student", "resnet8", "--device", "cpu"]))
+    assert config["lr"] == 0.05 and config["epochs"] == 240 and config["batch_size"] == 64
+    expected = {1: 0.05, 150: 0.05, 151: 0.005, 180: 0.005, 181: 5e-4, 210: 5e-4, 211: 5e-5, 240: 5e-5}
+    for epoch, lr in expected.items():
+        assert train.lr_at(config, epoch) == pytest.approx(lr), epoch
+    small = train.resolve_config(train.parse_args(["--student", "ShuffleV2", "--device", "cpu"]))
+    assert small["lr"] == 0.01
+
+
+def test_short_teacher_run_is_not_reused_silently(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs/fake/resnet8").mkdir(parents=True)
+    (tmp_path / "runs/fake/resnet8/summary.json").write_text(json.dumps({"last_epoch": 1}))
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(["--teacher", "resnet8", "--student", "resnet8", *TINY])
+    assert "trained for 1 epochs, fewer than this run's 2" in str(exit_info.value.code)
+
+
+def test_last_batch_of_one_image_is_refused(tmp_path):
+    with pytest.raises(SystemExit) as exit_info:  # fake data: 2000 = 1 x 1999 + 1
+        train.main(["--student", "resnet8", *TINY, "--batch-size", "1999", "--out", str(tmp_path / "run")])
+    assert "last batch of one image" in str(exit_info.value.code)

@@ -62,7 +62,8 @@ def parse_args(argv=None):
     speed = p.add_argument_group("speed (each on by default on CUDA, off on CPU)")
     for flag, what in (("bf16", "bf16 autocast of the networks (losses stay float32)"),
                        ("channels-last", "channels_last memory format"),
-                       ("compile", "torch.compile of the training step")):
+                       ("compile", "torch.compile of the training step"),
+                       ("fused-sgd", "the SGD update in one fused kernel (else foreach)")):
         speed.add_argument("--" + flag, action=argparse.BooleanOptionalAction, help=what)
     args = p.parse_args(argv)
 
@@ -102,6 +103,7 @@ def resolve_config(args):
         bf16=on_cuda if args.bf16 is None else args.bf16,
         channels_last=on_cuda if args.channels_last is None else args.channels_last,
         compile=on_cuda if args.compile is None else args.compile,
+        fused_sgd=on_cuda if args.fused_sgd is None else args.fused_sgd,
     )
     return config
 
@@ -160,8 +162,10 @@ def make_loss_fn(student, teacher, distill, config):
 
 
 def make_optimizer(parameters, config):
-    # fused: the whole update in one kernel on CUDA; the same maths as the textbook loop, weight decay on every parameter
-    return torch.optim.SGD(parameters, lr=config["lr"], momentum=0.9, weight_decay=config["weight_decay"], fused=True)
+    # fused: the whole update in one kernel; the same maths as the textbook loop, weight decay on every parameter
+    fused = config["fused_sgd"]
+    return torch.optim.SGD(parameters, lr=config["lr"], momentum=0.9, weight_decay=config["weight_decay"],
+                           fused=fused, foreach=not fused)
 
 
 @torch.no_grad()
@@ -238,7 +242,12 @@ def provide_teacher(config, datasets=None):
         teacher_config = teacher_training_config(config)
         folder = default_run_folder(teacher_config)
         path = folder / "last.pt"
-        if not (folder / "summary.json").exists():
+        if (folder / "summary.json").exists():
+            trained = json.loads((folder / "summary.json").read_text())["last_epoch"]
+            if trained < config["epochs"]:
+                sys.exit(f"error: {folder} holds a teacher trained for {trained} epochs, fewer than this run's "
+                         f"{config['epochs']}: pass --teacher-ckpt, or move that folder away to train a new one")
+        else:
             print(f"no checkpoint for teacher {config['teacher']}: training it first, into {folder} "
                   f"(pass --teacher-ckpt to use a published one)")
             run(teacher_config, folder, resume=path.exists(), datasets=datasets)
@@ -262,12 +271,16 @@ def run(config, out, resume=False, datasets=None):
         sys.exit(f"error: run folder {out} holds results: pass --resume to continue it, or --out to start another")
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(config, indent=2))
+    torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick its fastest kernels once
     print("config:", json.dumps(config))
     if config["device"] == "cpu":
         print("warning: no CUDA device, training on the CPU: fine for tiny smoke runs, far too slow for the recipe")
 
     datasets = datasets or load_datasets(config)
     (train_images, train_labels), test_set = datasets
+    if len(train_labels) % config["batch_size"] == 1:
+        sys.exit(f"error: {len(train_labels)} training images in batches of {config['batch_size']} leave a last "
+                 f"batch of one image, which BatchNorm cannot normalise: choose another --batch-size")
     teacher = provide_teacher(config, datasets) if config["teacher"] else None
     student, distill, optimizer = build_student(config, teacher)
 
@@ -287,8 +300,8 @@ def run(config, out, resume=False, datasets=None):
         optimizer.load_state_dict(checkpoint["optimizer"])
         train_loader.load_state_dict(checkpoint["loader"])
         torch.set_rng_state(checkpoint["rng_cpu"].cpu())
-        if "rng_cuda" in checkpoint and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(list(checkpoint["rng_cuda"]))
+        if "rng_cuda" in checkpoint:
+            torch.cuda.set_rng_state(checkpoint["rng_cuda"].cpu())  # map_location put it on the GPU; torch wants CPU
         start_epoch, best, wall_before = checkpoint["epoch"] + 1, checkpoint["best"], checkpoint["wall_time_s"]
         rows = list(csv.DictReader(open(out / "log.csv")))  # drop rows logged after the checkpoint, if any
         write_log(out, [r for r in rows if int(r["epoch"]) < start_epoch], mode="w")
@@ -303,8 +316,8 @@ def run(config, out, resume=False, datasets=None):
         for group in optimizer.param_groups:
             group["lr"] = lr
         epoch_started = time.time()
-        mean_terms, train_accuracy = train_one_epoch(loss_fn, optimizer, train_loader, config,
-                                                     estimate_epochs=config["epochs"] - epoch + 1)
+        estimate = config["epochs"] - epoch + 1 if epoch == start_epoch else 0  # warn once, after 10 steps
+        mean_terms, train_accuracy = train_one_epoch(loss_fn, optimizer, train_loader, config, estimate)
         if not all(map(math.isfinite, mean_terms)):
             sys.exit(f"error: non-finite loss in epoch {epoch} (ce, feat, kd, total = {mean_terms}); "
                      f"the last good checkpoint is {out / 'last.pt'}")
@@ -323,12 +336,12 @@ def run(config, out, resume=False, datasets=None):
             "loader": train_loader.state_dict(), "rng_cpu": torch.get_rng_state(), "best": best,
             "wall_time_s": wall_before + time.time() - run_started,
         }
-        if torch.cuda.is_available():
-            checkpoint["rng_cuda"] = torch.cuda.get_rng_state_all()
+        if config["device"].startswith("cuda"):
+            checkpoint["rng_cuda"] = torch.cuda.get_rng_state()
+        write_log(out, [row])  # before last.pt: a kill in between leaves a row that resume drops, never a gap
         if best["epoch"] == epoch:
             save_atomically(checkpoint, out / "best.pt")
         save_atomically(checkpoint, out / "last.pt")
-        write_log(out, [row])
 
     last = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
     summary = {"student": config["student"], "teacher": config["teacher"], "method": config["method"],
@@ -343,11 +356,15 @@ def run(config, out, resume=False, datasets=None):
 
 
 def write_log(out, rows, mode="a"):
-    with open(out / "log.csv", mode, newline="") as f:
+    """Append rows to log.csv; mode "w" rewrites it whole, through a temporary file and a rename."""
+    path = out / "log.csv" if mode == "a" else out / "log.csv.tmp"
+    with open(path, mode, newline="") as f:
         writer = csv.DictWriter(f, fieldnames=LOG_COLUMNS)
         if mode == "w":
             writer.writeheader()
         writer.writerows(rows)
+    if mode == "w":
+        os.replace(path, out / "log.csv")
 
 
 def main(argv=None):
@@ -355,9 +372,17 @@ def main(argv=None):
     config = resolve_config(args)
     out = Path(args.out) if args.out else default_run_folder(config)
     if args.resume and (out / "config.json").exists():
-        # a resumed run keeps its recorded configuration; only --epochs may extend it, and the device may change
-        config = dict(json.loads((out / "config.json").read_text()), device=config["device"])
-        config["epochs"] = args.epochs or config["epochs"]
+        # a resumed run keeps its recorded configuration (device included: random streams differ between
+        # devices, so only the same one resumes exactly); --epochs alone may extend it
+        saved = json.loads((out / "config.json").read_text())
+        if args.device and args.device != saved["device"]:
+            sys.exit(f"error: {out} ran on {saved['device']}; it can only resume there")
+        config = dict(saved, epochs=args.epochs or saved["epochs"])
+    if config["teacher_ckpt"]:  # fail fast, before any data is downloaded or a run folder is made
+        try:
+            models.load_weights(models.build_model(config["teacher"]), config["teacher_ckpt"])
+        except (ValueError, FileNotFoundError) as error:
+            sys.exit(f"error: teacher checkpoint {config['teacher_ckpt']}: {error}")
     return run(config, out, args.resume)
 
 
