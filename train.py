@@ -203,8 +203,9 @@ def train_one_epoch(loss_fn, optimizer, loader, config, estimate_epochs=0):
         sums += terms * labels.shape[0]
         correct += batch_correct
         if config["device"] == "cpu" and estimate_epochs and step == 9:  # the CPU is synchronous: time is real
-            hours = (time.time() - started) / 10 * len(loader) * estimate_epochs / 3600
-            print(f"warning: at this CPU's pace the remaining {estimate_epochs} epochs need about {hours:.1f} h")
+            minutes = (time.time() - started) / 10 * len(loader) * estimate_epochs / 60
+            print(f"warning: at this CPU's pace the remaining {estimate_epochs} epochs need about "
+                  + (f"{minutes / 60:.1f} h" if minutes > 90 else f"{minutes:.1f} min"))
     n = loader.num_samples
     return (sums / n).tolist(), 100.0 * correct.item() / n  # the epoch's one CPU-GPU sync
 
