@@ -7,11 +7,14 @@
     eager, and a `.item()` per step, as RepDistiller-style loops do for their meters.
 (b) project: train.train_step: data.Loader on the device, bf16 autocast, channels_last, torch.compile, fused SGD,
     no per-step host sync (each switched on by train.py's CUDA defaults).
+(c) graphs (CUDA only): (b) with train.py --cuda-graphs, the compiled step replayed as CUDA graphs.
 Both compute the same objective (train.make_loss_fn) on synthetic uint8 images of CIFAR shape.
 """
 import argparse
 import itertools
+import sys
 import time
+import traceback
 
 import torch
 from PIL import Image
@@ -40,16 +43,21 @@ class PILImages(torch.utils.data.Dataset):
         return self.transform(Image.fromarray(self.images[index])), self.labels[index]
 
 
-def step_config(args, method, optimised):
-    argv = ["--student", args.student, "--method", method, "--device", args.device]
+PIPELINE_FLAGS = {"reference": ["--no-bf16", "--no-channels-last", "--no-compile"], "project": [],
+                  "graphs": ["--cuda-graphs"]}
+
+
+def step_config(args, method, pipeline):
+    argv = ["--student", args.student, "--method", method, "--device", args.device, *PIPELINE_FLAGS[pipeline]]
     argv += ["--teacher", args.teacher] if method != "none" else []
-    argv += [] if optimised else ["--no-bf16", "--no-channels-last", "--no-compile"]
     return train.resolve_config(train.parse_args(argv))
 
 
-def time_pipeline(args, method, optimised, images, labels):
+def time_pipeline(args, method, pipeline, images, labels):
     """Seconds per step after warm-up, and the seconds of the warm-up (compilation included)."""
-    config = step_config(args, method, optimised)
+    optimised = pipeline != "reference"
+    config = step_config(args, method, pipeline)
+    torch._dynamo.reset()  # a fresh compile cache each time: the step's code object allows only 8 entries
     teacher = train.build_on_device(args.teacher, config).eval().requires_grad_(False) if method != "none" else None
     student, distill, optimizer = train.build_student(config, teacher)
     loss_fn = train.make_loss_fn(student, teacher, distill, config)
@@ -58,7 +66,7 @@ def time_pipeline(args, method, optimised, images, labels):
             data.Loader(images, labels, args.batch_size, True, args.device)))
     else:
         loader = torch.utils.data.DataLoader(PILImages(images, labels), args.batch_size, shuffle=True,
-                                             num_workers=args.workers, pin_memory=args.device == "cuda",
+                                             num_workers=args.workers, pin_memory=config["device"].startswith("cuda"),
                                              persistent_workers=args.workers > 0)
         batches = itertools.chain.from_iterable(itertools.repeat(loader))
         optimizer = torch.optim.SGD(optimizer.param_groups[0]["params"], lr=config["lr"], momentum=0.9,
@@ -71,7 +79,7 @@ def time_pipeline(args, method, optimised, images, labels):
         if not optimised:
             terms[3].item(), correct.item()  # the reference loops' meters: a host sync every step
 
-    synchronize = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
+    synchronize = torch.cuda.synchronize if config["device"].startswith("cuda") else (lambda: None)
     started = time.perf_counter()
     for _ in range(args.warmup):
         step()
@@ -84,12 +92,15 @@ def time_pipeline(args, method, optimised, images, labels):
     return (time.perf_counter() - started) / args.steps, warmup
 
 
-def main(argv=None):
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--teacher", default="resnet32x4", help="teacher architecture (random weights: timing only)")
-    p.add_argument("--student", default="resnet8x4", help="student architecture")
+    p.add_argument("--teacher", default="resnet32x4", choices=train.models.MODEL_NAMES, metavar="NAME",
+                   help="teacher architecture (random weights: timing only)")
+    p.add_argument("--student", default="resnet8x4", choices=train.models.MODEL_NAMES, metavar="NAME",
+                   help="student architecture: " + ", ".join(train.models.MODEL_NAMES))
     p.add_argument("--methods", nargs="+", choices=train.METHODS, default=list(train.METHODS), help="objectives")
-    p.add_argument("--pipelines", nargs="+", choices=("reference", "project"), default=["reference", "project"])
+    p.add_argument("--pipelines", nargs="+", choices=PIPELINE_FLAGS, help="default: reference project, and "
+                   "graphs on CUDA")
     p.add_argument("--steps", type=int, default=200, help="timed steps per measurement")
     p.add_argument("--warmup", type=int, default=30, help="untimed steps first (compilation, cuDNN autotuning)")
     p.add_argument("--batch-size", type=int, default=64, help="batch size")
@@ -97,33 +108,57 @@ def main(argv=None):
     p.add_argument("--num-images", type=int, default=EPOCH_IMAGES, help="synthetic training images")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
     args = p.parse_args(argv)
+    if args.steps < 1 or args.warmup < 0 or args.workers < 0:
+        p.error("--steps must be at least 1, --warmup and --workers at least 0")
+    if args.batch_size < 2 or args.num_images < 2 or args.num_images % args.batch_size == 1:
+        p.error("every batch needs two images or more (BatchNorm needs batch statistics): check --batch-size "
+                "and --num-images")
+    on_cuda = args.device.startswith("cuda")
+    args.pipelines = args.pipelines or ["reference", "project", *(["graphs"] if on_cuda else [])]
+    if "graphs" in args.pipelines and not on_cuda:
+        p.error("the graphs pipeline replays CUDA graphs: it needs --device cuda")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    on_cuda = args.device.startswith("cuda")
 
     torch.backends.cudnn.benchmark = True  # both pipelines, as RepDistiller and train.py set it
     generator = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (args.num_images, 3, 32, 32), dtype=torch.uint8, generator=generator)
     labels = torch.randint(0, 100, (args.num_images,), generator=generator)
     print(f"{args.teacher} -> {args.student}, batch {args.batch_size}, {args.steps} timed steps after "
-          f"{args.warmup}, device {torch.cuda.get_device_name() if args.device == 'cuda' else 'cpu'}, "
+          f"{args.warmup}, device {torch.cuda.get_device_name(args.device) if on_cuda else 'cpu'}, "
           f"torch {torch.__version__}")
-    results = {}
+    results, failed = {}, []
     for method, pipeline in itertools.product(args.methods, args.pipelines):
-        step_s, warmup_s = time_pipeline(args, method, pipeline == "project", images, labels)
+        try:
+            step_s, warmup_s = time_pipeline(args, method, pipeline, images, labels)
+        except Exception:  # report it and go on: one broken variant must not cost the other measurements
+            traceback.print_exc()
+            print(f"{method:4s} {pipeline:9s}  FAILED (traceback above)", flush=True)
+            failed.append((method, pipeline))
+            continue
         ips = args.batch_size / step_s
         results[method, pipeline] = {"step_ms": 1e3 * step_s, "images_per_s": ips, "warmup_s": warmup_s,
                                      "recipe_minutes": RECIPE_EPOCHS * EPOCH_IMAGES / ips / 60}
         print(f"{method:4s} {pipeline:9s}  {1e3 * step_s:7.2f} ms/step  {ips:9.0f} img/s  "
-              f"240 epochs in {results[method, pipeline]['recipe_minutes']:7.1f} min  (warm-up {warmup_s:.1f} s)")
-    for method in args.methods:
-        if (method, "reference") in results and (method, "project") in results:
-            speedup = results[method, "project"]["images_per_s"] / results[method, "reference"]["images_per_s"]
-            print(f"{method}: project / reference = {speedup:.1f}x")
+              f"240 epochs in {results[method, pipeline]['recipe_minutes']:7.1f} min  (warm-up {warmup_s:.1f} s)",
+              flush=True)
+    for method, pipeline in itertools.product(args.methods, ("project", "graphs")):
+        if (method, "reference") in results and (method, pipeline) in results:
+            speedup = results[method, pipeline]["images_per_s"] / results[method, "reference"]["images_per_s"]
+            print(f"{method}: {pipeline} / reference = {speedup:.1f}x")
     for pipeline in args.pipelines:
         for baseline in ("none", "kd"):
             if ("srd", pipeline) in results and (baseline, pipeline) in results:
                 ratio = results["srd", pipeline]["step_ms"] / results[baseline, pipeline]["step_ms"]
                 print(f"{pipeline}: srd step time / {baseline} step time = {ratio:.2f}")
-    return results
+    if failed:
+        print("failed: " + ", ".join(f"{method} {pipeline}" for method, pipeline in failed))
+    return results, failed
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(1 if main()[1] else 0)

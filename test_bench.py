@@ -1,5 +1,7 @@
 """The speed path changes no mathematics: the optimised training step against the plain one, and bench.py runs."""
+import pytest
 import torch
+import torch._dynamo.testing
 
 import bench
 import data
@@ -44,9 +46,85 @@ def test_optimised_step_matches_plain_step():
 
 
 def test_bench_runs_both_pipelines_on_cpu(capsys):
-    results = bench.main(["--teacher", "resnet8", "--student", "resnet8", "--steps", "2", "--warmup", "1",
-                          "--num-images", "128", "--workers", "0", "--device", "cpu"])
-    assert set(results) == {(m, p) for m in train.METHODS for p in ("reference", "project")}
+    results, failed = bench.main(["--teacher", "resnet8", "--student", "resnet8", "--steps", "2", "--warmup", "1",
+                                  "--num-images", "128", "--workers", "0", "--device", "cpu"])
+    assert set(results) == {(m, p) for m in train.METHODS for p in ("reference", "project")} and not failed
     assert all(r["images_per_s"] > 0 and r["recipe_minutes"] > 0 for r in results.values())
     out = capsys.readouterr().out
     assert "srd: project / reference =" in out and "project: srd step time / kd step time =" in out
+
+
+def test_bench_reports_a_failing_variant_and_goes_on(monkeypatch, capsys):
+    real = bench.time_pipeline
+
+    def broken_kd(args, method, pipeline, images, labels):
+        if method == "kd":
+            raise RuntimeError("simulated failure")
+        return real(args, method, pipeline, images, labels)
+
+    monkeypatch.setattr(bench, "time_pipeline", broken_kd)
+    results, failed = bench.main(["--teacher", "resnet8", "--student", "resnet8", "--steps", "1", "--warmup", "1",
+                                  "--num-images", "64", "--workers", "0", "--device", "cpu", "--pipelines", "project"])
+    assert failed == [("kd", "project")] and set(results) == {("srd", "project"), ("none", "project")}
+    out = capsys.readouterr()
+    assert "simulated failure" in out.err and "kd   project    FAILED" in out.out
+
+
+def test_cuda_graphs_need_cuda_and_compile(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train.resolve_config(train.parse_args(["--student", "resnet8", "--device", "cpu", "--cuda-graphs"]))
+    assert "--cuda-graphs needs a CUDA device and --compile" in str(exit_info.value.code)
+    with pytest.raises(SystemExit):
+        bench.main(["--device", "cpu", "--pipelines", "graphs"])
+    assert "needs --device cuda" in capsys.readouterr().err
+
+
+def test_compiled_step_has_two_graphs_and_no_recompiles(monkeypatch):
+    """Two epochs with a partial last batch and an evaluation between them: exactly two graphs are ever compiled
+    (the full batch and the last partial one); a graph break or a recompile on the train/eval switch would add more."""
+    counter = torch._dynamo.testing.CompileCounter()  # a backend that counts the graphs dynamo hands it
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, dynamic, mode: real_compile(fn, backend=counter, dynamic=dynamic))
+    torch._dynamo.reset()
+    config = train.resolve_config(train.parse_args(["--teacher", "resnet8", "--student", "resnet8", "--device", "cpu",
+                                                    "--compile"]))
+    teacher = train.build_on_device("resnet8", config).eval().requires_grad_(False)
+    student, distill, optimizer = train.build_student(config, teacher)
+    loss_fn = train.make_loss_fn(student, teacher, distill, config)
+    images, labels = data.fake_cifar100(96, seed=0)  # one batch of 64 and a last one of 32
+    loader = data.Loader(images, labels, 64, True, "cpu")
+    for _ in range(2):
+        train.train_one_epoch(loss_fn, optimizer, loader, config)
+        train.evaluate(student, data.Loader(images, labels, 50, False, "cpu"), config)
+    assert counter.frame_count == 2
+    torch._dynamo.reset()
+
+
+def test_bf16_autocast_step_on_cpu_stays_close_to_float32():
+    """The CUDA defaults' bf16 path, run by the CPU's autocast: the loss terms stay float32 and near fp32's."""
+    terms = {}
+    for bf16 in (False, True):
+        config = train.resolve_config(train.parse_args([
+            "--teacher", "resnet8", "--student", "resnet8", "--method", "srd", "--device", "cpu", "--no-compile",
+            "--channels-last", "--fused-sgd", "--bf16" if bf16 else "--no-bf16"]))
+        torch.manual_seed(1)
+        teacher = train.build_on_device("resnet8", config).eval().requires_grad_(False)
+        student, distill, optimizer = train.build_student(config, teacher)
+        loss_fn = train.make_loss_fn(student, teacher, distill, config)
+        x, y = next(iter(data.Loader(*data.fake_cifar100(32, seed=0), 32, True, "cpu")))
+        terms[bf16], _ = train.train_step(loss_fn, optimizer, x, y, config)
+    assert terms[True].dtype == torch.float32
+    assert not torch.equal(terms[True], terms[False])  # bf16 did run: its rounding shows in the last digits
+    torch.testing.assert_close(terms[True], terms[False], rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--student", "resnet9"], "invalid choice: 'resnet9'"),
+    (["--steps", "0"], "--steps must be at least 1"),
+    (["--num-images", "0"], "every batch needs two images or more"),
+    (["--num-images", "65"], "every batch needs two images or more"),  # 64 + a last batch of one
+])
+def test_bench_bad_arguments_fail_fast(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        bench.parse_args(["--device", "cpu", *argv])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""The README's code runs as written: the losses.py snippet, and every train.py command line parses."""
+"""The README's code runs as written: the losses.py snippet, and every train.py and bench.py command line parses."""
 import re
 import shlex
 import shutil
@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import bench
 import train
 
 PROJECT = Path(__file__).resolve().parent
@@ -28,3 +29,10 @@ def test_every_train_command_parses():
     assert len(commands) >= 8
     for command in commands:
         train.parse_args(shlex.split(command)[2:])  # argparse exits (fails the test) on a wrong flag
+
+
+def test_every_bench_command_parses():
+    commands = [line.split("#")[0] for line in README.splitlines() if line.startswith("python bench.py")]
+    assert len(commands) >= 2
+    for command in commands:
+        bench.parse_args([*shlex.split(command)[2:], "--device", "cpu", "--pipelines", "reference"])

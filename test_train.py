@@ -84,6 +84,9 @@ def test_resume_equals_uninterrupted_run(teacher_checkpoint, tmp_path):
               "--dataset", "fake", "--device", "cpu"]
     train.main([*common, "--epochs", "3", "--out", str(tmp_path / "straight")])
     train.main([*common, "--epochs", "2", "--out", str(tmp_path / "resumed")])
+    saved = json.loads((tmp_path / "resumed/config.json").read_text())
+    del saved["cuda_graphs"]  # as a run started before that switch existed recorded its config
+    (tmp_path / "resumed/config.json").write_text(json.dumps(saved))
     train.main([*common, "--epochs", "3", "--out", str(tmp_path / "resumed"), "--resume"])
     straight = torch.load(tmp_path / "straight/last.pt", weights_only=True)
     resumed = torch.load(tmp_path / "resumed/last.pt", weights_only=True)
@@ -203,3 +206,24 @@ def test_last_batch_of_one_image_is_refused(tmp_path):
     with pytest.raises(SystemExit) as exit_info:  # fake data: 2000 = 1 x 1999 + 1
         train.main(["--student", "resnet8", *TINY, "--batch-size", "1999", "--out", str(tmp_path / "run")])
     assert "last batch of one image" in str(exit_info.value.code)
+
+
+def test_fake_full_has_cifar100_sizes_and_its_own_run_folders(monkeypatch):
+    requested = []
+    monkeypatch.setattr(data, "fake_cifar100", lambda n, seed: requested.append((n, seed)))
+    config = train.resolve_config(train.parse_args(["--teacher", "resnet8", "--student", "resnet8", "--dataset",
+                                                    "fake-full", "--device", "cpu"]))
+    train.load_datasets(config)
+    assert requested == [(50_000, 0), (10_000, 1)]
+    assert train.default_run_folder(config) == Path("runs/fake-full/resnet8-resnet8-srd-seed0")
+    assert train.default_run_folder(train.teacher_training_config(config)) == Path("runs/fake-full/resnet8")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_run_cannot_resume_without_cuda(tmp_path):
+    config = train.resolve_config(train.parse_args(["--student", "resnet8", *TINY]))
+    (tmp_path / "config.json").write_text(json.dumps(dict(config, device="cuda")))
+    (tmp_path / "last.pt").write_bytes(b"")
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(["--student", "resnet8", "--resume", "--out", str(tmp_path)])
+    assert "no CUDA device to resume it on" in str(exit_info.value.code)

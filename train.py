@@ -26,7 +26,8 @@ SMALL_LR_STUDENTS = ("MobileNetV2", "ShuffleV1", "ShuffleV2")  # CRD trains thes
 METHODS = ("srd", "kd", "none")
 LOG_COLUMNS = ("epoch", "lr", "loss_ce", "loss_feat", "loss_kd", "loss_total", "train_acc", "test_acc",
                "epoch_time_s", "images_per_s")
-FAKE_SIZES = (2000, 500)  # train, test images of --dataset fake: seconds per epoch on a CPU
+FAKE_SIZES = {"fake": (2000, 500),  # train, test images: seconds per epoch on a CPU
+              "fake-full": (50_000, 10_000)}  # CIFAR-100's sizes: epoch times as real data would give
 
 
 def parse_args(argv=None):
@@ -52,8 +53,9 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, help="initial lr (default 0.05, 0.01 for MobileNetV2/ShuffleV1/ShuffleV2)")
     p.add_argument("--weight-decay", type=float, default=5e-4, help="SGD weight decay, on every parameter")
     p.add_argument("--seed", type=int, default=0, help="seed of initialisation and data order")
-    p.add_argument("--dataset", choices=("cifar100", "fake"), default="cifar100",
-                   help="fake: a small learnable synthetic set, for offline smoke runs")
+    p.add_argument("--dataset", choices=("cifar100", *FAKE_SIZES), default="cifar100",
+                   help="fake: a small learnable synthetic set, for offline smoke runs; fake-full: the same at "
+                   "CIFAR-100's size, for timing runs where CIFAR-100 cannot be reached")
     p.add_argument("--data-dir", default="data", help="folder holding (or receiving) cifar-100-python/")
     p.add_argument("--no-download", action="store_true", help="fail instead of downloading CIFAR-100")
     p.add_argument("--out", help="run folder (default runs/<student> or runs/<teacher>-<student>-<method>-seed<k>)")
@@ -65,6 +67,8 @@ def parse_args(argv=None):
                        ("compile", "torch.compile of the training step"),
                        ("fused-sgd", "the SGD update in one fused kernel (else foreach)")):
         speed.add_argument("--" + flag, action=argparse.BooleanOptionalAction, help=what)
+    speed.add_argument("--cuda-graphs", action="store_true", help="replay the compiled step as CUDA graphs "
+                       "(torch.compile mode reduce-overhead); off by default: whether it pays off is unmeasured")
     args = p.parse_args(argv)
 
     if args.batch_size < 2:
@@ -105,6 +109,8 @@ def resolve_config(args):
         compile=on_cuda if args.compile is None else args.compile,
         fused_sgd=on_cuda if args.fused_sgd is None else args.fused_sgd,
     )
+    if config["cuda_graphs"] and not (on_cuda and config["compile"]):
+        sys.exit("error: --cuda-graphs needs a CUDA device and --compile (it replays the compiled step)")
     return config
 
 
@@ -115,15 +121,16 @@ def teacher_training_config(config):
 
 
 def default_run_folder(config):
-    root = Path("runs") / ("fake" if config["dataset"] == "fake" else "")
+    root = Path("runs") / ("" if config["dataset"] == "cifar100" else config["dataset"])
     if config["method"] == "none":
         return root / config["student"]
     return root / f"{config['teacher']}-{config['student']}-{config['method']}-seed{config['seed']}"
 
 
 def load_datasets(config):
-    if config["dataset"] == "fake":
-        return data.fake_cifar100(FAKE_SIZES[0], seed=0), data.fake_cifar100(FAKE_SIZES[1], seed=1)
+    if config["dataset"] in FAKE_SIZES:
+        train_size, test_size = FAKE_SIZES[config["dataset"]]
+        return data.fake_cifar100(train_size, seed=0), data.fake_cifar100(test_size, seed=1)
     download = not config["no_download"]
     try:
         return tuple(data.load_cifar100(config["data_dir"], train, download=download) for train in (True, False))
@@ -158,7 +165,10 @@ def make_loss_fn(student, teacher, distill, config):
         terms = torch.stack([ce.detach(), feat.detach(), kd.detach(), total.detach()])
         return total, terms, (logits.argmax(1) == labels).sum()
 
-    return torch.compile(loss_fn, dynamic=False) if config["compile"] else loss_fn
+    if not config["compile"]:
+        return loss_fn
+    # dynamic=False: every graph keeps static shapes; the last partial batch of an epoch compiles its own, once
+    return torch.compile(loss_fn, dynamic=False, mode="reduce-overhead" if config["cuda_graphs"] else "default")
 
 
 def make_optimizer(parameters, config):
@@ -186,6 +196,8 @@ def train_step(loss_fn, optimizer, images, labels, config):
     """One SGD step; returns the loss terms and the correct count as device tensors (no host sync)."""
     if config["channels_last"]:
         images = images.contiguous(memory_format=torch.channels_last)
+    if config["cuda_graphs"]:
+        torch.compiler.cudagraph_mark_step_begin()  # a new iteration: the previous step's graph outputs are free
     total, terms, correct = loss_fn(images, labels)
     optimizer.zero_grad(set_to_none=True)
     total.backward()
@@ -378,7 +390,10 @@ def main(argv=None):
         saved = json.loads((out / "config.json").read_text())
         if args.device and args.device != saved["device"]:
             sys.exit(f"error: {out} ran on {saved['device']}; it can only resume there")
-        config = dict(saved, epochs=args.epochs or saved["epochs"])
+        if saved["device"].startswith("cuda") and not torch.cuda.is_available():
+            sys.exit(f"error: {out} ran on {saved['device']}, and this machine has no CUDA device to resume it on")
+        # (keys newer than the run take today's values: an older run's config.json lacks them)
+        config = {**config, **saved, "epochs": args.epochs or saved["epochs"]}
     if config["teacher_ckpt"]:  # fail fast, before any data is downloaded or a run folder is made
         try:
             models.load_weights(models.build_model(config["teacher"]), config["teacher_ckpt"])
