@@ -128,3 +128,22 @@ def test_bench_bad_arguments_fail_fast(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
         bench.parse_args(["--device", "cpu", *argv])
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_cuda_graph_fallback_is_counted_and_reported(tmp_path, monkeypatch, capsys):
+    from torch._inductor.cudagraph_utils import log_cudagraph_skip_and_bump_counter as skip
+    before = train.cudagraph_skips()
+    skip("simulated: a graph torch declines to record")  # what inductor calls when it falls back
+    assert train.cudagraph_skips() == before + 1
+    # a run whose first epoch falls back says so (on the CPU: --cuda-graphs forced on, the fallback simulated)
+    real_epoch = train.train_one_epoch
+
+    def epoch_with_fallback(*args, **kwargs):
+        skip("simulated: a graph torch declines to record")
+        return real_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(train, "train_one_epoch", epoch_with_fallback)
+    config = train.resolve_config(train.parse_args(["--student", "resnet8", "--device", "cpu", "--epochs", "1"]))
+    config["cuda_graphs"] = True
+    train.run(config, tmp_path / "run", datasets=(data.fake_cifar100(64, seed=0), data.fake_cifar100(50, seed=1)))
+    assert "torch declined to record CUDA graphs" in capsys.readouterr().out

@@ -180,7 +180,9 @@ def make_optimizer(parameters, config):
 
 @torch.no_grad()
 def evaluate(model, loader, config):
-    """Top-1 accuracy (%) in float32 and eval mode (BatchNorm running statistics), one sync at the end."""
+    """Top-1 accuracy (%) without autocast, in eval mode (BatchNorm running statistics), one sync at the end.
+
+    (Without autocast means float32 on the CPU; on CUDA, cuDNN runs float32 convolutions in TF32 by default.)"""
     was_training = model.training
     model.eval()
     correct = torch.zeros((), dtype=torch.long, device=config["device"])
@@ -219,7 +221,14 @@ def train_one_epoch(loss_fn, optimizer, loader, config, estimate_epochs=0):
             print(f"warning: at this CPU's pace the remaining {estimate_epochs} epochs need about "
                   + (f"{minutes / 60:.1f} h" if minutes > 90 else f"{minutes:.1f} min"))
     n = loader.num_samples
-    return (sums / n).tolist(), 100.0 * correct.item() / n  # the epoch's one CPU-GPU sync
+    *totals, total_correct = torch.cat([sums.double(), correct.double()[None]]).tolist()  # the epoch's one sync
+    return [total / n for total in totals], 100.0 * total_correct / n
+
+
+def cudagraph_skips():
+    """How many times inductor has fallen back from CUDA graphs in this process (it logs why only when asked)."""
+    from torch._dynamo.utils import counters  # no public API counts these yet
+    return counters["inductor"]["cudagraph_skips"]
 
 
 def save_atomically(obj, path):
@@ -322,7 +331,9 @@ def run(config, out, resume=False, datasets=None):
     else:
         write_log(out, [], mode="w")
 
+    torch.compiler.reset()  # drop what an earlier compile in this process (a teacher's run, say) holds
     loss_fn = make_loss_fn(student, teacher, distill, config)
+    skips_before = cudagraph_skips()
     run_started = time.time()
     for epoch in range(start_epoch, config["epochs"] + 1):
         lr = lr_at(config, epoch)
@@ -335,6 +346,9 @@ def run(config, out, resume=False, datasets=None):
             sys.exit(f"error: non-finite loss in epoch {epoch} (ce, feat, kd, total = {mean_terms}); "
                      f"the last good checkpoint is {out / 'last.pt'}")
         epoch_time = time.time() - epoch_started
+        if config["cuda_graphs"] and epoch == start_epoch and cudagraph_skips() > skips_before:
+            print("warning: torch declined to record CUDA graphs for part of the step, which runs as plain compiled "
+                  "code; TORCH_LOGS=cudagraphs shows why", flush=True)
         test_accuracy = evaluate(student, test_loader, config)
         if test_accuracy > best["accuracy"]:
             best = {"accuracy": test_accuracy, "epoch": epoch}
