@@ -132,14 +132,15 @@ def test_bench_bad_arguments_fail_fast(argv, message, capsys):
 
 def test_cuda_graph_fallback_is_counted_and_reported(tmp_path, monkeypatch, capsys):
     from torch._inductor.cudagraph_utils import log_cudagraph_skip_and_bump_counter as skip
+    reason = "simulated: a graph torch declines to record"
     before = train.cudagraph_skips()
-    skip("simulated: a graph torch declines to record")  # what inductor calls when it falls back
+    skip(reason)  # what inductor calls when it falls back
     assert train.cudagraph_skips() == before + 1
     # a run whose first epoch falls back says so (on the CPU: --cuda-graphs forced on, the fallback simulated)
     real_epoch = train.train_one_epoch
 
     def epoch_with_fallback(*args, **kwargs):
-        skip("simulated: a graph torch declines to record")
+        skip(reason)
         return real_epoch(*args, **kwargs)
 
     monkeypatch.setattr(train, "train_one_epoch", epoch_with_fallback)
