@@ -23,6 +23,8 @@ import data
 import train
 
 EPOCH_IMAGES, RECIPE_EPOCHS = 50_000, 240
+METHOD_NAMES = {"srd": "srd", "kd": "kd", "none": "cross-entropy-only"}
+MIN_STEPS, MIN_WINDOW_S = 20, 2.0  # below either, step times on a shared machine are mostly noise
 
 
 class PILImages(torch.utils.data.Dataset):
@@ -92,15 +94,19 @@ def time_pipeline(args, method, pipeline, images, labels):
     return (time.perf_counter() - started) / args.steps, warmup
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """--help shows the module docstring as written (its example commands) and every flag's default."""
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--teacher", default="resnet32x4", choices=train.models.MODEL_NAMES, metavar="NAME",
                    help="teacher architecture (random weights: timing only)")
     p.add_argument("--student", default="resnet8x4", choices=train.models.MODEL_NAMES, metavar="NAME",
                    help="student architecture: " + ", ".join(train.models.MODEL_NAMES))
     p.add_argument("--methods", nargs="+", choices=train.METHODS, default=list(train.METHODS), help="objectives")
-    p.add_argument("--pipelines", nargs="+", choices=PIPELINE_FLAGS, help="default: reference project, and "
-                   "graphs on CUDA")
+    p.add_argument("--pipelines", nargs="+", choices=PIPELINE_FLAGS, help="pipelines to time; when none "
+                   "are given, reference and project, and graphs on CUDA")
     p.add_argument("--steps", type=int, default=200, help="timed steps per measurement")
     p.add_argument("--warmup", type=int, default=30, help="untimed steps first (compilation, cuDNN autotuning)")
     p.add_argument("--batch-size", type=int, default=64, help="batch size")
@@ -150,13 +156,20 @@ def main(argv=None):
               flush=True)
     for method, pipeline in itertools.product(args.methods, ("project", "graphs")):
         if (method, "reference") in results and (method, pipeline) in results:
-            speedup = results[method, pipeline]["images_per_s"] / results[method, "reference"]["images_per_s"]
-            print(f"{method}: {pipeline} / reference = {speedup:.1f}x")
+            ours, reference = results[method, pipeline]["step_ms"], results[method, "reference"]["step_ms"]
+            print(f"{method}: {pipeline} is {reference / ours:.2f}x as fast as reference "
+                  f"(reference's {reference:.1f} ms/step over {pipeline}'s {ours:.1f} ms/step)")
     for pipeline in args.pipelines:
         for baseline in ("none", "kd"):
             if ("srd", pipeline) in results and (baseline, pipeline) in results:
-                ratio = results["srd", pipeline]["step_ms"] / results[baseline, pipeline]["step_ms"]
-                print(f"{pipeline}: srd step time / {baseline} step time = {ratio:.2f}")
+                srd, other = results["srd", pipeline]["step_ms"], results[baseline, pipeline]["step_ms"]
+                print(f"{pipeline}: an srd step takes {srd / other:.2f}x the time of a {METHOD_NAMES[baseline]} step "
+                      f"({srd:.1f} ms over {other:.1f} ms)")
+    shortest = min((args.steps * r["step_ms"] / 1e3 for r in results.values()), default=0.0)
+    if results and (args.steps < MIN_STEPS or shortest < MIN_WINDOW_S):
+        print(f"note: a timed window of {args.steps} steps ({shortest:.2f} s at the shortest) is too short for these "
+              f"figures to mean anything: take them as a smoke test, and time at least {MIN_STEPS} steps and "
+              f"{MIN_WINDOW_S:.0f} s (e.g. --steps 200) for a measurement")
     if failed:
         print("failed: " + ", ".join(f"{method} {pipeline}" for method, pipeline in failed))
     return results, failed

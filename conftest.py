@@ -1,4 +1,5 @@
 """Shared test fixtures: the real CIFAR-100 copy when this machine has one, and single-threaded torch."""
+import os
 import pathlib
 import tarfile
 
@@ -11,7 +12,13 @@ SHARED_ARCHIVE = PROJECT.parent / "shared" / "data" / "cifar-100-python.tar.xz"
 
 @pytest.fixture(scope="session")
 def cifar100_root(tmp_path_factory):
-    """A folder holding cifar-100-python/: ./data if unpacked there, else ../shared/data unpacked once per session."""
+    """A folder holding cifar-100-python/: $CIFAR100_DATA_DIR, else ./data, else ../shared/data's archive unpacked
+    once per test session. Tests that use it skip when none exists."""
+    if os.environ.get("CIFAR100_DATA_DIR"):
+        root = pathlib.Path(os.environ["CIFAR100_DATA_DIR"])
+        if not (root / "cifar-100-python" / "train").exists():
+            pytest.fail(f"CIFAR100_DATA_DIR={root} holds no cifar-100-python/train")
+        return root
     if (PROJECT / "data" / "cifar-100-python" / "train").exists():
         return PROJECT / "data"
     if not SHARED_ARCHIVE.exists():

@@ -5,10 +5,15 @@ GPU that pipeline, not the network, sets the pace. Here the 150 MB of uint8 pixe
 each epoch is augmented in a few batched tensor operations, with exactly the reference semantics:
 torchvision's RandomCrop(32, padding=4) (zero padding) and RandomHorizontalFlip(p=0.5), then Normalize.
 """
+import hashlib
 import math
+import os
 import pathlib
 import pickle
+import shutil
 import tarfile
+import urllib.error
+import urllib.request
 
 import numpy as np
 import torch
@@ -18,6 +23,7 @@ CIFAR100_STD = (0.2675, 0.2565, 0.2761)
 ARCHIVE_URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
 ARCHIVE_MD5 = "eb9058c3a382ffc7106e4002c42a8d85"
 PAD = 4  # RandomCrop(32, padding=4): a 40x40 zero-padded image, 9 x 9 crop positions
+AUGMENT_CHUNK = 4096  # images augmented per gather
 
 
 class _ArraysOnly(pickle.Unpickler):
@@ -37,22 +43,96 @@ class _ArraysOnly(pickle.Unpickler):
         return getattr(np, name)
 
 
+class DataError(ValueError):
+    """CIFAR-100 could not be fetched or read; the message says what failed and the ways out."""
+
+
+def ways_out(root):
+    return (f"Ways out: download {ARCHIVE_URL} on a machine that can and put it in {root}/ (it is md5-checked and "
+            f"unpacked there), or put its unpacked cifar-100-python/ folder there, or point --data-dir at a folder "
+            f"that holds cifar-100-python/.")
+
+
+def md5_of(path):
+    digest = hashlib.md5()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def fetch_archive(root):
+    """root/cifar-100-python.tar.gz, downloaded (to a .part file, renamed once its md5 is right) unless present.
+
+    A file already there is checked, never replaced: it may be the only copy its owner has."""
+    archive = root / ARCHIVE_URL.rsplit("/", 1)[-1]
+    if archive.exists():
+        if md5_of(archive) != ARCHIVE_MD5:
+            raise DataError(f"{archive} is not the CIFAR-100 archive (md5 {md5_of(archive)}, expected {ARCHIVE_MD5}); "
+                            f"it was left untouched. Remove it to download again. " + ways_out(root))
+        return archive
+    root.mkdir(parents=True, exist_ok=True)
+    partial = archive.with_name(archive.name + ".part")
+    try:
+        with urllib.request.urlopen(ARCHIVE_URL, timeout=60) as response, open(partial, "wb") as f:
+            shutil.copyfileobj(response, f)
+    except OSError as error:  # no network, DNS, HTTP errors (URLError, HTTPError), timeouts, a full disk
+        partial.unlink(missing_ok=True)
+        detail = error if isinstance(error, urllib.error.HTTPError) else getattr(error, "reason", error)
+        raise DataError(f"could not download CIFAR-100 from {ARCHIVE_URL} ({detail}). " + ways_out(root)) from None
+    if md5_of(partial) != ARCHIVE_MD5:
+        got = md5_of(partial)
+        partial.unlink()
+        raise DataError(f"the file downloaded from {ARCHIVE_URL} is corrupt (md5 {got}, expected {ARCHIVE_MD5}); "
+                        f"it was deleted. Try again later. " + ways_out(root))
+    os.replace(partial, archive)
+    return archive
+
+
 def load_cifar100(root, train, download=False):
-    """(images uint8 N x 3 x 32 x 32, fine labels int64 N) of root/cifar-100-python/{train,test}, original order."""
-    folder = pathlib.Path(root) / "cifar-100-python"
-    path = folder / ("train" if train else "test")
+    """(images uint8 N x 3 x 32 x 32, fine labels int64 N) of root/cifar-100-python/{train,test}, original order.
+
+    The pickle is checked before it is trusted: N x 3072 uint8 pixels, N labels in 0..99 (DataError otherwise)."""
+    root = pathlib.Path(root)
+    path = root / "cifar-100-python" / ("train" if train else "test")
     if not path.exists() and download:
-        from torchvision.datasets.utils import download_url  # only needed once, for the download
-        download_url(ARCHIVE_URL, str(root), md5=ARCHIVE_MD5)  # checks the archive's md5, raises on mismatch
-        with tarfile.open(pathlib.Path(root) / "cifar-100-python.tar.gz") as archive:
+        with tarfile.open(fetch_archive(root)) as archive:
             archive.extractall(root, filter="data")  # "data" filter: no absolute paths, links or devices
     if not path.exists():
         raise FileNotFoundError(f"no CIFAR-100 at {path}: pass download=True (train.py: drop --no-download), point "
                                 f"--data-dir at the folder holding cifar-100-python/, or unpack {ARCHIVE_URL} there")
-    with open(path, "rb") as f:
-        batch = _ArraysOnly(f, encoding="bytes").load()
-    images = torch.from_numpy(np.ascontiguousarray(batch[b"data"], dtype=np.uint8)).reshape(-1, 3, 32, 32)
-    return images, torch.tensor(batch[b"fine_labels"], dtype=torch.int64)
+    try:
+        with open(path, "rb") as f:
+            batch = _ArraysOnly(f, encoding="bytes").load()
+    except Exception as error:  # truncated (EOFError, UnpicklingError), not a pickle, or a refused global
+        raise DataError(f"{path} is not a readable CIFAR-100 pickle ({type(error).__name__}: {error}); unpack the "
+                        f"archive again. " + ways_out(root)) from None
+    pixels, labels = _checked_arrays(batch, path)
+    expected = 50_000 if train else 10_000
+    if len(labels) != expected:
+        print(f"note: {path} holds {len(labels):,} images, not CIFAR-100's {expected:,}")
+    return torch.from_numpy(pixels).reshape(-1, 3, 32, 32), torch.from_numpy(labels)
+
+
+def _checked_arrays(batch, path):
+    """(pixels N x 3072 uint8, labels N int64) from an unpickled CIFAR-100 dict, or a DataError naming the problem."""
+    def bad(problem):
+        return DataError(f"{path} is not a CIFAR-100 file: {problem}")
+
+    if not isinstance(batch, dict) or b"data" not in batch or b"fine_labels" not in batch:
+        raise bad("expected a dict with b'data' and b'fine_labels'")
+    pixels, labels = batch[b"data"], np.asarray(batch[b"fine_labels"])
+    if not isinstance(pixels, np.ndarray) or pixels.ndim != 2 or pixels.shape[1] != 3 * 32 * 32:
+        raise bad(f"b'data' should be an N x 3072 array, got {getattr(pixels, 'shape', type(pixels).__name__)}")
+    if pixels.dtype != np.uint8:  # casting floats in [0, 1] or ints above 255 would give black or wrapped images
+        raise bad(f"pixels should be uint8 (0..255), got {pixels.dtype}")
+    if labels.ndim != 1 or len(labels) != len(pixels):
+        raise bad(f"{len(pixels):,} images but {labels.size:,} labels")
+    if labels.dtype.kind not in "iu":
+        raise bad(f"labels should be integers in 0..99, got {labels.dtype}")
+    if len(labels) and (labels.min() < 0 or labels.max() > 99):
+        raise bad(f"labels should lie in 0..99, got {labels.min()} to {labels.max()}")
+    return np.ascontiguousarray(pixels), labels.astype(np.int64)
 
 
 def crop_and_flip(images, offsets, flips):
@@ -75,7 +155,7 @@ class Loader:
     """One pass over `images` per `for` loop, as (x float32 normalised, y int64) batches on `device`.
 
     train=True: each epoch draws, from the loader's own generator, a fresh permutation, crop offsets uniform over
-    {0..8}^2 and flip bits with p=0.5, then augments the whole epoch in one crop_and_flip; the last partial batch is
+    {0..8}^2 and flip bits with p=0.5, then augments them in a few large crop_and_flip calls; the last partial batch is
     kept, as the reference DataLoaders do. The generator state (state_dict) is all a resume needs to replay the
     following epochs exactly. train=False: the images in order, unaugmented."""
 
@@ -105,13 +185,21 @@ class Loader:
     def __iter__(self):
         if self.train:
             order, offsets, flips = self.draw_epoch()
-            images, labels = crop_and_flip(self.images[order], offsets, flips), self.labels[order]
-        else:
-            images, labels = self.images, self.labels
-        for start in range(0, self.num_samples, self.batch_size):
-            x = images[start:start + self.batch_size]
-            # float and normalise per batch: the whole epoch in float32 would be 4x the uint8 memory
-            yield (x.float() / 255 - self.mean) / self.std, labels[start:start + self.batch_size]
+        # augment whole batches a chunk at a time: one gather per chunk keeps the epoch's extra memory near 0.05 GB
+        # (the padded copy of 50,000 images alone would be 0.24 GB); the draws are the epoch's, so the batches are
+        # the same whatever the chunk size
+        chunk = self.batch_size * max(1, AUGMENT_CHUNK // self.batch_size)
+        for chunk_start in range(0, self.num_samples, chunk):
+            part = slice(chunk_start, chunk_start + chunk)
+            if self.train:
+                ids = order[part]
+                images, labels = crop_and_flip(self.images[ids], offsets[part], flips[part]), self.labels[ids]
+            else:
+                images, labels = self.images[part], self.labels[part]
+            for start in range(0, len(labels), self.batch_size):
+                x = images[start:start + self.batch_size]
+                # float and normalise per batch: a chunk in float32 would be 4x its uint8 memory
+                yield (x.float() / 255 - self.mean) / self.std, labels[start:start + self.batch_size]
 
     def state_dict(self):
         return {"generator": self.generator.get_state()}

@@ -3,11 +3,13 @@
 The 22 networks of CRD (Tian, Krishnan & Isola, "Contrastive Representation Distillation", ICLR 2020) as
 published in its code, RepDistiller, and re-used by mdistiller and later work. Module names, shapes and the
 forward computation follow that zoo exactly, so its teachers (`<name>_vanilla/ckpt_epoch_240.pth`) load with
-strict=True and reach their published accuracy; see ../shared/docs/ZOO.md.
+strict=True (the parameter counts in test_models.py are the zoo's published ones).
 
 Every model maps a 32x32 image batch to logits; `model(x, return_features=True)` also returns the pooled
 penultimate vector (B x model.feature_dim) that the classifier reads, which is what a projector distils.
 """
+import pickle
+import re
 from collections.abc import Mapping
 from functools import partial
 from pathlib import Path
@@ -428,22 +430,40 @@ def _is_state_dict(obj):
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
 
 
+class CheckpointError(ValueError):
+    """A checkpoint that cannot, or must not, be loaded; the message says which and why."""
+
+
+def read_checkpoint(path):
+    """torch.load(path, weights_only=True) onto the CPU, with one clear message for each way a file can be bad.
+
+    weights_only=True refuses pickled code: a checkpoint can carry a call (os.system, say) that a plain torch.load
+    would run. Such a file is reported and left unloaded; torch's hint to retry with weights_only=False is
+    deliberately not passed on."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint file at {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)  # CPU: the zoo saved CUDA tensors
+    except pickle.UnpicklingError as error:
+        named = re.search(r"GLOBAL ([\w.]+)", str(error))
+        if named:
+            raise CheckpointError(f"{path} holds code or objects a checkpoint should not ({named.group(1)}), so it "
+                                  f"was not loaded: a checkpoint holds only tensors, numbers and strings") from None
+        raise CheckpointError(f"{path} is not a readable checkpoint (corrupt or not a torch file)") from None
+    except Exception as error:  # torch raises many types for a truncated or foreign file
+        first = str(error).split(". ")[0].strip() or "the file ends early"
+        raise CheckpointError(f"{path} is not a readable checkpoint: truncated, corrupt or not a torch file "
+                              f"({type(error).__name__}: {first[:200]})") from None
+
+
 def load_weights(model, path):
     """Load a checkpoint's weights strictly into model and return the checkpoint dict.
 
     Accepts the zoo's format ({"model": state_dict, "epoch", "accuracy", "optimizer"}), this project's own
     (the same plus extra entries) and a bare state_dict (returned wrapped as {"model": state_dict}).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint file at {path}")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)  # CPU: the zoo saved CUDA tensors
-    except Exception as error:  # torch raises many types for a bad file; one clear message is what helps
-        detail = " ".join(str(error).split())  # keep only the unpickler's own reason from torch's long advice
-        detail = detail.split("WeightsUnpickler error:")[-1].split(" Check the documentation")[0].strip()[:200]
-        raise ValueError(f"{path} is not a checkpoint torch.load(weights_only=True) can read "
-                         f"({type(error).__name__}: {detail})") from None
+    checkpoint = read_checkpoint(path)
     if isinstance(checkpoint, Mapping) and _is_state_dict(checkpoint.get("model")):
         state = checkpoint["model"]
     elif _is_state_dict(checkpoint):
@@ -451,6 +471,13 @@ def load_weights(model, path):
     else:
         raise ValueError(f"{path} holds no model weights: expected a state_dict or a dict with a 'model' state_dict")
 
+    load_state(model, state, path)
+    return checkpoint
+
+
+def load_state(model, state, source):
+    """model.load_state_dict(state) strictly; on a mismatch, a ValueError naming the missing, unexpected and
+    mis-shaped keys (torch's own message lists them all, hundreds for a deep network)."""
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
@@ -460,7 +487,6 @@ def load_weights(model, path):
         problems = [f"{label} ({len(keys)}): {_abbreviate(keys)}" for label, keys in
                     (("missing keys", missing), ("unexpected keys", unexpected),
                      ("shape mismatches, checkpoint vs model", mismatched)) if keys]
-        raise ValueError(f"{path} does not fit {type(model).__name__} (another architecture?); "
+        raise ValueError(f"{source} does not fit {type(model).__name__} (another architecture?); "
                          + "; ".join(problems))
     model.load_state_dict(state)
-    return checkpoint

@@ -51,7 +51,17 @@ def test_bench_runs_both_pipelines_on_cpu(capsys):
     assert set(results) == {(m, p) for m in train.METHODS for p in ("reference", "project")} and not failed
     assert all(r["images_per_s"] > 0 and r["recipe_minutes"] > 0 for r in results.values())
     out = capsys.readouterr().out
-    assert "srd: project / reference =" in out and "project: srd step time / kd step time =" in out
+    assert "srd: project is " in out and "x as fast as reference (reference's " in out
+    assert "project: an srd step takes " in out and "x the time of a kd step" in out
+    assert "note: a timed window of 2 steps" in out and "too short for these figures to mean anything" in out
+
+
+def test_bench_help_shows_the_defaults_and_the_cpu_smoke_command(capsys):
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--help"])
+    out = capsys.readouterr().out
+    assert "timed steps per measurement (default: 200)" in out and "(default: 30)" in out
+    assert "--steps 3 --num-images 256 --workers 0   # CPU smoke run" in out
 
 
 def test_bench_reports_a_failing_variant_and_goes_on(monkeypatch, capsys):

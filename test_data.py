@@ -153,6 +153,14 @@ def test_same_seed_same_batches_different_seed_different_batches():
     assert not torch.equal(first[0][0][0], other[0][0][0])
 
 
+@pytest.mark.parametrize("chunk", [20, 40])  # one batch per gather; two, and a last partial chunk
+def test_augmenting_in_chunks_gives_the_same_batches(chunk, monkeypatch):
+    images, labels = random_images(100), torch.arange(100)
+    whole = epochs(data.Loader(images, labels, 16, True, "cpu", seed=4), 2)  # 100 images: one gather per epoch
+    monkeypatch.setattr(data, "AUGMENT_CHUNK", chunk)
+    assert_same_epochs(whole, epochs(data.Loader(images, labels, 16, True, "cpu", seed=4), 2))
+
+
 def test_generator_state_round_trip_reproduces_the_next_epochs():
     images, labels = random_images(50), torch.arange(50)
     loader = data.Loader(images, labels, 16, True, "cpu", seed=5)
@@ -205,7 +213,7 @@ def test_canonical_pickle_loads_and_one_that_runs_code_is_refused(tmp_path):
     assert marker.exists()
     marker.unlink()
     write_batch(tmp_path, payload, name="test")
-    with pytest.raises(pickle.UnpicklingError, match="refusing to load"):
+    with pytest.raises(data.DataError, match="refusing to load"):
         data.load_cifar100(tmp_path, train=False)
     assert not marker.exists()
 

@@ -1,5 +1,7 @@
-"""models.py against the benchmark zoo's published facts (../shared/docs/ZOO.md) and independent re-computations."""
+"""models.py against the benchmark zoo's published facts (RepDistiller's models, as CRD released them) and independent
+re-computations."""
 import functools
+import os
 
 import pytest
 import torch
@@ -9,7 +11,7 @@ from models import MODEL_NAMES, build_model, load_weights
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-# Published by the zoo (ZOO.md), num_classes=100: name -> (parameters, pooled feature width).
+# The zoo's published figures, num_classes=100: name -> (parameters, pooled feature width).
 PUBLISHED = {
     "resnet8": (83_892, 64), "resnet14": (181_108, 64), "resnet20": (278_324, 64), "resnet32": (472_756, 64),
     "resnet44": (667_188, 64), "resnet56": (861_620, 64), "resnet110": (1_736_564, 64),
@@ -261,9 +263,31 @@ def test_missing_or_corrupt_files_fail_clearly(tmp_path):
     (tmp_path / "notes.pth").write_text("epoch 240, accuracy 72.34\n")
     torch.save([1, 2, 3], tmp_path / "list.pth")
     torch.save({"epoch": 3}, tmp_path / "no_model.pth")
-    for file in ("random.pth", "notes.pth"):
-        with pytest.raises(ValueError, match="not a checkpoint torch.load"):
+    torch.save(build_model("resnet8").state_dict(), tmp_path / "whole.pth")
+    (tmp_path / "truncated.pth").write_bytes((tmp_path / "whole.pth").read_bytes()[:5000])
+    for file in ("random.pth", "notes.pth", "truncated.pth"):
+        with pytest.raises(ValueError, match="is not a readable checkpoint"):
             load_weights(build_model("resnet8"), tmp_path / file)
     for file in ("list.pth", "no_model.pth"):
         with pytest.raises(ValueError, match="holds no model weights"):
             load_weights(build_model("resnet8"), tmp_path / file)
+
+
+class RunsAShellCommand:
+    def __init__(self, command):
+        self.command = command
+
+    def __reduce__(self):
+        return os.system, (self.command,)
+
+
+def test_checkpoint_that_would_run_code_is_refused_without_the_unsafe_advice(tmp_path):
+    marker = tmp_path / "code-ran"
+    torch.save({"model": build_model("resnet8").state_dict(), "hook": RunsAShellCommand(f"touch {marker}")},
+               tmp_path / "malicious.pth")
+    with pytest.raises(ValueError) as error:
+        load_weights(build_model("resnet8"), tmp_path / "malicious.pth")
+    message = str(error.value)
+    assert "holds code or objects a checkpoint should not" in message and "system" in message
+    assert "not loaded" in message and "weights_only" not in message and "False" not in message
+    assert not marker.exists()

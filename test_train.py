@@ -71,7 +71,10 @@ def test_teacher_is_trained_first_when_absent(tmp_path, monkeypatch, capsys):
     summary = train.main(["--teacher", "resnet8", "--student", "resnet8", *TINY[:2], "--epochs", "1",
                           "--device", "cpu"])
     out = capsys.readouterr().out
-    assert "training it first, into runs/fake/resnet8" in out
+    plan = out.index("the job, in two parts")  # said up front, before the first epoch of either part
+    assert plan < out.index("epoch   1/1")
+    assert "1. train resnet8 alone for 1 epochs into runs/fake/resnet8; 2. distil resnet8 from it" in out
+    assert "the 1-epoch distillation of resnet8 follows" in out  # the CPU estimate names what comes next
     assert (tmp_path / "runs/fake/resnet8/summary.json").exists()
     assert (tmp_path / "runs/fake/resnet8-resnet8-srd-seed0/summary.json").exists()
     teacher_summary = json.loads((tmp_path / "runs/fake/resnet8/summary.json").read_text())
@@ -210,7 +213,8 @@ def test_last_batch_of_one_image_is_refused(tmp_path):
 
 def test_fake_full_has_cifar100_sizes_and_its_own_run_folders(monkeypatch):
     requested = []
-    monkeypatch.setattr(data, "fake_cifar100", lambda n, seed: requested.append((n, seed)))
+    small = data.fake_cifar100
+    monkeypatch.setattr(data, "fake_cifar100", lambda n, seed: requested.append((n, seed)) or small(4, seed))
     config = train.resolve_config(train.parse_args(["--teacher", "resnet8", "--student", "resnet8", "--dataset",
                                                     "fake-full", "--device", "cpu"]))
     train.load_datasets(config)

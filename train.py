@@ -3,17 +3,29 @@
     python train.py --teacher resnet32x4 --student resnet8x4      # the paper's method (SRD), 240 epochs
     python train.py --student resnet32x4                          # a model alone, with cross-entropy (how teachers are made)
 
-The recipe is CRD's (PAPER.md section 3). Each run writes config.json, log.csv, last.pt, best.pt and summary.json
-into its own folder; --resume continues a run exactly where its last checkpoint left it.
+The recipe is CRD's (Tian, Krishnan & Isola, ICLR 2020), which the paper follows on CIFAR-100. Each run writes
+config.json, log.csv, last.pt, best.pt and summary.json into its own folder, which one process holds at a time;
+--resume continues a run exactly where its last checkpoint left it, and Ctrl-C stops it cleanly.
 """
 import argparse
+import contextlib
 import csv
 import json
 import math
 import os
+import signal
+import socket
 import sys
+import tempfile
+import textwrap
+import threading
 import time
 from pathlib import Path
+
+try:
+    import fcntl  # POSIX file locks; absent on Windows, where run folders go unlocked
+except ImportError:
+    fcntl = None
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +40,26 @@ LOG_COLUMNS = ("epoch", "lr", "loss_ce", "loss_feat", "loss_kd", "loss_total", "
                "epoch_time_s", "images_per_s")
 FAKE_SIZES = {"fake": (2000, 500),  # train, test images: seconds per epoch on a CPU
               "fake-full": (50_000, 10_000)}  # CIFAR-100's sizes: epoch times as real data would give
+# flags a resumed run may change: --epochs extends it, the rest decide where and how fast it runs, not what it
+# computes (--device has its own check: random streams differ between devices)
+RESUME_MAY_CHANGE = ("epochs", "data_dir", "no_download", "device", "compile", "channels_last", "fused_sgd",
+                     "cuda_graphs")
+CHECKPOINT_KEYS = ("model", "epoch", "projector", "optimizer", "loader", "rng_cpu", "best", "wall_time_s")
+
+
+def finite_float(text):
+    """argparse type: a float that is neither nan nor infinite (they pass every "> 0" check)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
+def flag(key):
+    return "--" + key.replace("_", "-")
 
 
 def parse_args(argv=None):
@@ -38,20 +70,20 @@ def parse_args(argv=None):
     p.add_argument("--teacher-ckpt", help="teacher weights (this project's or the published ckpt_epoch_240.pth)")
     p.add_argument("--method", choices=METHODS, help="srd: the paper's loss (default with a teacher); kd: Hinton KD; "
                    "none: cross-entropy alone (default without a teacher)")
-    p.add_argument("--feat-weight", type=float, default=2.0, help="weight of the feature distance D (srd)")
-    p.add_argument("--kd-weight", type=float, help="weight of the KD term (default 0.9 for kd, 0 otherwise)")
-    p.add_argument("--ce-weight", type=float, help="weight of cross-entropy (default 0.1 for kd, 1 otherwise)")
-    p.add_argument("--temperature", type=float, default=4.0, help="KD temperature")
+    p.add_argument("--feat-weight", type=finite_float, default=2.0, help="weight of the feature distance D (srd)")
+    p.add_argument("--kd-weight", type=finite_float, help="weight of the KD term (default 0.9 for kd, 0 otherwise)")
+    p.add_argument("--ce-weight", type=finite_float, help="weight of cross-entropy (default 0.1 for kd, 1 otherwise)")
+    p.add_argument("--temperature", type=finite_float, default=4.0, help="KD temperature")
     p.add_argument("--projector", choices=losses.PROJECTORS, default="mlp", help="projector on the student feature")
     p.add_argument("--hidden-dim", type=int, default=1024, help="hidden width of the mlp projector")
     p.add_argument("--norm", choices=losses.NORMS, default="bn", help="normalisation of both features")
     p.add_argument("--distance", choices=losses.DISTANCES, default="logsum", help="distance between them")
-    p.add_argument("--alpha", type=float, default=4.0, help="exponent of the logsum / pow distance")
+    p.add_argument("--alpha", type=finite_float, default=4.0, help="exponent of the logsum / pow distance")
     p.add_argument("--epochs", type=int, help="epochs (default 240; with --resume: extend the run to this many)")
     p.add_argument("--milestones", type=int, nargs="*", default=[150, 180, 210], help="epochs where lr drops x0.1")
     p.add_argument("--batch-size", type=int, default=64, help="training batch size")
-    p.add_argument("--lr", type=float, help="initial lr (default 0.05, 0.01 for MobileNetV2/ShuffleV1/ShuffleV2)")
-    p.add_argument("--weight-decay", type=float, default=5e-4, help="SGD weight decay, on every parameter")
+    p.add_argument("--lr", type=finite_float, help="initial lr (default 0.05, 0.01 for MobileNetV2/ShuffleV1/ShuffleV2)")
+    p.add_argument("--weight-decay", type=finite_float, default=5e-4, help="SGD weight decay, on every parameter")
     p.add_argument("--seed", type=int, default=0, help="seed of initialisation and data order")
     p.add_argument("--dataset", choices=("cifar100", *FAKE_SIZES), default="cifar100",
                    help="fake: a small learnable synthetic set, for offline smoke runs; fake-full: the same at "
@@ -62,21 +94,28 @@ def parse_args(argv=None):
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--device", help="cuda or cpu (default: cuda when present)")
     speed = p.add_argument_group("speed (each on by default on CUDA, off on CPU)")
-    for flag, what in (("bf16", "bf16 autocast of the networks (losses stay float32)"),
+    for name, what in (("bf16", "bf16 autocast of the networks (losses stay float32)"),
                        ("channels-last", "channels_last memory format"),
                        ("compile", "torch.compile of the training step"),
                        ("fused-sgd", "the SGD update in one fused kernel (else foreach)")):
-        speed.add_argument("--" + flag, action=argparse.BooleanOptionalAction, help=what)
+        speed.add_argument("--" + name, action=argparse.BooleanOptionalAction, help=what)
     speed.add_argument("--cuda-graphs", action="store_true", help="replay the compiled step as CUDA graphs "
                        "(torch.compile mode reduce-overhead); off by default: whether it pays off is unmeasured")
     args = p.parse_args(argv)
+    # which flags the command line gave: argparse fills in a default only where the namespace lacks the attribute
+    unset = object()
+    given = p.parse_args(argv, argparse.Namespace(**{key: unset for key in vars(args)}))
+    args.given = {key for key, value in vars(given).items() if value is not unset}
 
     if args.batch_size < 2:
         p.error("--batch-size must be at least 2 (BatchNorm needs batch statistics)")
-    if args.epochs is not None and args.epochs < 1:
-        p.error("--epochs must be at least 1")
-    if args.lr is not None and args.lr <= 0:
-        p.error("--lr must be positive")
+    for key in ("epochs", "lr", "temperature", "alpha", "hidden_dim", "milestones"):
+        values = getattr(args, key)
+        if any(v is not None and v <= 0 for v in (values if isinstance(values, list) else [values])):
+            p.error(f"{flag(key)} must be positive")
+    for key in ("feat_weight", "kd_weight", "ce_weight", "weight_decay"):
+        if getattr(args, key) is not None and getattr(args, key) < 0:
+            p.error(f"{flag(key)} must be zero or positive")
     if args.teacher_ckpt and not args.teacher:
         p.error("--teacher-ckpt needs --teacher NAME (the architecture to load it into)")
     args.method = args.method or ("srd" if args.teacher else "none")
@@ -96,7 +135,7 @@ def resolve_config(args):
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     on_cuda = device.startswith("cuda")
     kd = args.method == "kd"
-    config = {k: v for k, v in vars(args).items() if k not in ("resume", "out")}
+    config = {k: v for k, v in vars(args).items() if k not in ("resume", "out", "given")}
     config.update(
         epochs=args.epochs or 240,
         lr=args.lr or default_lr(args.student),
@@ -128,14 +167,20 @@ def default_run_folder(config):
 
 
 def load_datasets(config):
+    """((train images, labels), (test images, labels)) as uint8 / int64 CPU tensors, with a line saying what came."""
     if config["dataset"] in FAKE_SIZES:
         train_size, test_size = FAKE_SIZES[config["dataset"]]
-        return data.fake_cifar100(train_size, seed=0), data.fake_cifar100(test_size, seed=1)
-    download = not config["no_download"]
-    try:
-        return tuple(data.load_cifar100(config["data_dir"], train, download=download) for train in (True, False))
-    except FileNotFoundError as error:
-        sys.exit(f"error: {error}")
+        datasets = data.fake_cifar100(train_size, seed=0), data.fake_cifar100(test_size, seed=1)
+        source = f"synthetic (--dataset {config['dataset']})"
+    else:
+        try:
+            datasets = tuple(data.load_cifar100(config["data_dir"], train, download=not config["no_download"])
+                             for train in (True, False))
+        except (FileNotFoundError, data.DataError) as error:
+            sys.exit(f"error: {error}")
+        source = f"CIFAR-100 from {Path(config['data_dir']) / 'cifar-100-python'}"
+    print(f"data: {source}, {len(datasets[0][1]):,} training and {len(datasets[1][1]):,} test images")
+    return datasets
 
 
 def lr_at(config, epoch):
@@ -207,8 +252,11 @@ def train_step(loss_fn, optimizer, images, labels, config):
     return terms, correct
 
 
-def train_one_epoch(loss_fn, optimizer, loader, config, estimate_epochs=0):
-    """One pass over the training set; returns the mean loss terms (ce, feat, kd, total) and train accuracy (%)."""
+def train_one_epoch(loss_fn, optimizer, loader, config, estimate_epochs=0, then=""):
+    """One pass over the training set; returns the mean loss terms (ce, feat, kd, total) and train accuracy (%).
+
+    estimate_epochs > 0 on a CPU: after 10 steps, warn how long that many epochs take at this pace, and what
+    follows them in the same job (`then`)."""
     sums = torch.zeros(4, device=config["device"])  # summed over samples on the device: no sync per step
     correct = torch.zeros((), dtype=torch.long, device=config["device"])
     started = time.time()
@@ -219,7 +267,8 @@ def train_one_epoch(loss_fn, optimizer, loader, config, estimate_epochs=0):
         if config["device"] == "cpu" and estimate_epochs and step == 9:  # the CPU is synchronous: time is real
             minutes = (time.time() - started) / 10 * len(loader) * estimate_epochs / 60
             print(f"warning: at this CPU's pace the remaining {estimate_epochs} epochs need about "
-                  + (f"{minutes / 60:.1f} h" if minutes > 90 else f"{minutes:.1f} min"))
+                  + (f"{minutes / 60:.1f} h" if minutes > 90 else f"{minutes:.1f} min")
+                  + (f", and {then} follows" if then else ""), flush=True)
     n = loader.num_samples
     *totals, total_correct = torch.cat([sums.double(), correct.double()[None]]).tolist()  # the epoch's one sync
     return [total / n for total in totals], 100.0 * total_correct / n
@@ -231,11 +280,70 @@ def cudagraph_skips():
     return counters["inductor"]["cudagraph_skips"]
 
 
+def is_compile_error(error):
+    """torch.compile's failures: dynamo's exceptions, and inductor's or Triton's (a C++ compiler missing or failing),
+    which the lazily compiled backward pass can raise unwrapped."""
+    return (isinstance(error, torch._dynamo.exc.TorchDynamoException)
+            or type(error).__module__.startswith(("torch._inductor", "triton")))
+
+
 def save_atomically(obj, path):
     """Write to a temporary file, then rename: a kill at any moment leaves the previous file intact."""
     tmp = Path(str(path) + ".tmp")
-    torch.save(obj, tmp)
+    try:
+        torch.save(obj, tmp)
+    except BaseException:  # a full disk, a Ctrl-C: leave no half-written .tmp behind
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def sigint_deferred():
+    """Ctrl-C inside the block takes effect at its end, so an epoch's log row and checkpoints are written together."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield
+        return
+    received = []
+    previous = signal.signal(signal.SIGINT, lambda *_: received.append(True))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if received:
+        raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def claim_run_folder(out):
+    """Hold an exclusive lock on out/.lock for the run's life: a second process on the same folder is refused.
+
+    The operating system releases a flock when its process dies, however it dies, so a lock left by a killed run is
+    free again; the file names the holder, for the message a refused run prints."""
+    out.mkdir(parents=True, exist_ok=True)
+    if fcntl is None:
+        print(f"warning: no file locks on this platform: nothing stops a second run from writing into {out}")
+        yield
+        return
+    with open(out / ".lock", "a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            sys.exit(f"error: {out} is in use by {lock.read().strip() or 'another process'}: one run folder takes "
+                     f"one process at a time. Wait for it to finish (or stop it), or choose another --out")
+        lock.seek(0)
+        if lock.read().strip():
+            print(f"note: {out} was locked by a run that ended without releasing it (killed?); taking it over")
+        lock.seek(0)
+        lock.truncate()
+        lock.write(f"process {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}")
+        lock.flush()
+        try:
+            yield
+        finally:
+            lock.truncate(0)  # an empty lock file: the run ended cleanly
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def build_on_device(name, config):
@@ -270,9 +378,11 @@ def provide_teacher(config, datasets=None):
                 sys.exit(f"error: {folder} holds a teacher trained for {trained} epochs, fewer than this run's "
                          f"{config['epochs']}: pass --teacher-ckpt, or move that folder away to train a new one")
         else:
-            print(f"no checkpoint for teacher {config['teacher']}: training it first, into {folder} "
-                  f"(pass --teacher-ckpt to use a published one)")
-            run(teacher_config, folder, resume=path.exists(), datasets=datasets)
+            print(f"the job, in two parts (no checkpoint of teacher {config['teacher']} was found; --teacher-ckpt "
+                  f"uses a published one): 1. train {config['teacher']} alone for {config['epochs']} epochs into "
+                  f"{folder}; 2. distil {config['student']} from it for {config['epochs']} epochs")
+            run(teacher_config, folder, resume=path.exists(), datasets=datasets,
+                then=f"the {config['epochs']}-epoch distillation of {config['student']}")
     teacher = build_on_device(config["teacher"], config)
     try:
         models.load_weights(teacher, path)
@@ -282,55 +392,143 @@ def provide_teacher(config, datasets=None):
     return teacher.eval().requires_grad_(False)
 
 
-def run(config, out, resume=False, datasets=None):
-    """Train (or resume) one run into the folder `out`; returns its summary dict.
+def describe(config, out):
+    """The resolved configuration for the terminal: what differs from the defaults first (config.json has it all)."""
+    argv = ["--student", config["student"], "--method", config["method"], "--device", config["device"]]
+    defaults = resolve_config(parse_args(argv + (["--teacher", config["teacher"]] if config["teacher"] else [])))
+    pairs = {"changed": [], "default": []}
+    for key, value in config.items():
+        if key not in ("student", "teacher", "method"):
+            pairs["default" if defaults.get(key) == value else "changed"].append(f"{key}={value}")
+    pair = f"{config['teacher']} -> {config['student']}" if config["teacher"] else config["student"]
+    return "\n".join([f"run: {pair}, method {config['method']}, into {out}"] + [
+        textwrap.fill(" ".join(items), 116, initial_indent=f"  {label}: ", subsequent_indent="    ")
+        for label, items in (("not the defaults", pairs["changed"]), ("defaults", pairs["default"])) if items])
 
-    datasets: ((train images, labels), (test images, labels)) to use instead of config's (tests pass subsets)."""
-    out = Path(out)
+
+def check_run_folder(out, resume):
+    """Refuse, before anything is loaded or written, a run that would overwrite results or could not save its own."""
     if resume and not (out / "last.pt").exists():
         sys.exit(f"error: --resume: no checkpoint {out / 'last.pt'}")
     if not resume and ((out / "last.pt").exists() or (out / "summary.json").exists()):
         sys.exit(f"error: run folder {out} holds results: pass --resume to continue it, or --out to start another")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(config, indent=2))
-    torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick its fastest kernels once
-    print("config:", json.dumps(config))
+    folder = out
+    while not folder.exists():  # a new run folder: its nearest existing parent must take it
+        folder = folder.parent
+    try:
+        tempfile.TemporaryFile(dir=folder).close()
+        for name in ("config.json", "log.csv"):
+            if (out / name).exists() and not os.access(out / name, os.W_OK):
+                raise PermissionError(f"{out / name} is read-only")
+    except OSError as error:
+        sys.exit(f"error: cannot write in {folder} ({error}), so this run could not save its log and checkpoints; "
+                 f"nothing was written. Make it writable, or choose another --out")
+
+
+def what_is_intact(out):
+    """For a failed resume's message: which of the run's files still hold its results."""
+    try:
+        best = models.read_checkpoint(out / "best.pt")
+        notes = [f"best.pt (epoch {best['epoch']}, {best['accuracy']:.2f}% test) is intact and holds a full "
+                 f"checkpoint: copy it over last.pt to resume from its epoch"]
+    except (OSError, ValueError, KeyError, TypeError):
+        notes = ["best.pt is missing or unreadable too"]
+    if (out / "log.csv").exists():
+        notes.append(f"log.csv is intact ({sum(1 for _ in open(out / 'log.csv')) - 1} epochs)")
+    return "; ".join(notes)
+
+
+def read_run_checkpoint(out, config):
+    """out/last.pt, checked to be a whole checkpoint of this run's student, or an error naming what is intact."""
+    path = out / "last.pt"
+    try:
+        checkpoint = models.read_checkpoint(path)
+        missing = [key for key in CHECKPOINT_KEYS if not isinstance(checkpoint, dict) or key not in checkpoint]
+        if missing:
+            raise ValueError(f"{path} is not a checkpoint of a train.py run (it lacks {', '.join(missing)})")
+        models.load_state(models.build_model(config["student"]), checkpoint["model"], path)
+    except (OSError, ValueError) as error:
+        sys.exit(f"error: cannot resume: {error}. Nothing was changed; {what_is_intact(out)}")
+    return checkpoint
+
+
+def run(config, out, resume=False, datasets=None, then=""):
+    """Train (or resume) one run into the folder `out`; returns its summary dict.
+
+    datasets: ((train images, labels), (test images, labels)) to use instead of config's (tests pass subsets).
+    then: what follows this run in the same job, for the CPU duration warning."""
+    out = Path(out)
+    check_run_folder(out, resume)
+    if resume:
+        read_run_checkpoint(out, config)  # fail before the data and the teacher are loaded
+    print(describe(config, out))
     if config["device"] == "cpu":
         print("warning: no CUDA device, training on the CPU: fine for tiny smoke runs, far too slow for the recipe")
-
     datasets = datasets or load_datasets(config)
-    (train_images, train_labels), test_set = datasets
-    if len(train_labels) % config["batch_size"] == 1:
-        sys.exit(f"error: {len(train_labels)} training images in batches of {config['batch_size']} leave a last "
+    if len(datasets[0][1]) % config["batch_size"] == 1:
+        sys.exit(f"error: {len(datasets[0][1])} training images in batches of {config['batch_size']} leave a last "
                  f"batch of one image, which BatchNorm cannot normalise: choose another --batch-size")
     teacher = provide_teacher(config, datasets) if config["teacher"] else None
-    student, distill, optimizer = build_student(config, teacher)
+    with claim_run_folder(out):
+        check_run_folder(out, resume)  # again: another process may have written here while this one loaded
+        try:
+            return fit(config, out, resume, teacher, datasets, then)
+        except KeyboardInterrupt:
+            print(interrupted(out, config), file=sys.stderr)
+            raise SystemExit(130) from None  # 128 + SIGINT, as shells report it
 
-    teacher_accuracy = None
+
+def interrupted(out, config):
+    try:
+        epoch = models.read_checkpoint(out / "last.pt")["epoch"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"interrupted in the first epoch: no epoch completed, so {out} has nothing to resume; start again"
+    return (f"interrupted: epoch {epoch} is the last complete one ({out / 'last.pt'}); continue with\n"
+            f"  python train.py --student {config['student']} --out {out} --resume")
+
+
+def restore(checkpoint, student, distill, optimizer, train_loader):
+    student.load_state_dict(checkpoint["model"])
+    if distill is not None:
+        distill.load_state_dict(checkpoint["projector"])
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    train_loader.load_state_dict(checkpoint["loader"])
+    torch.set_rng_state(checkpoint["rng_cpu"])
+    if "rng_cuda" in checkpoint:
+        torch.cuda.set_rng_state(checkpoint["rng_cuda"])
+
+
+def fit(config, out, resume, teacher, datasets, then=""):
+    """The training loop of run(), in a run folder this process holds."""
+    (train_images, train_labels), test_set = datasets
+    student, distill, optimizer = build_student(config, teacher)
     train_loader = data.Loader(train_images, train_labels, config["batch_size"], True, config["device"], config["seed"])
     test_loader = data.Loader(*test_set, 500, False, config["device"])
-    if teacher is not None:
-        teacher_accuracy = evaluate(teacher, test_loader, config)
-        print(f"teacher {config['teacher']} test accuracy {teacher_accuracy:.2f}")
 
-    start_epoch, best, wall_before = 1, {"accuracy": -1.0, "epoch": 0}, 0.0
+    start_epoch, best, wall_before, last = 1, {"accuracy": -1.0, "epoch": 0}, 0.0, None
     if resume:
-        checkpoint = torch.load(out / "last.pt", map_location=config["device"], weights_only=True)
-        student.load_state_dict(checkpoint["model"])
-        if distill is not None:
-            distill.load_state_dict(checkpoint["projector"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        train_loader.load_state_dict(checkpoint["loader"])
-        torch.set_rng_state(checkpoint["rng_cpu"].cpu())
-        if "rng_cuda" in checkpoint:
-            torch.cuda.set_rng_state(checkpoint["rng_cuda"].cpu())  # map_location put it on the GPU; torch wants CPU
-        start_epoch, best, wall_before = checkpoint["epoch"] + 1, checkpoint["best"], checkpoint["wall_time_s"]
+        last = read_run_checkpoint(out, config)
+        if last["epoch"] > config["epochs"]:
+            sys.exit(f"error: {out} has completed {last['epoch']} epochs; --epochs {config['epochs']} would shorten "
+                     f"it: a run can only be extended")
+        try:
+            restore(last, student, distill, optimizer, train_loader)
+        except (KeyError, RuntimeError, ValueError, TypeError) as error:
+            sys.exit(f"error: cannot resume: {out / 'last.pt'} does not fit this run's configuration "
+                     f"({type(error).__name__}: {str(error)[:300]}). Nothing was changed; {what_is_intact(out)}")
+        start_epoch, best, wall_before = last["epoch"] + 1, last["best"], last["wall_time_s"]
         rows = list(csv.DictReader(open(out / "log.csv")))  # drop rows logged after the checkpoint, if any
         write_log(out, [r for r in rows if int(r["epoch"]) < start_epoch], mode="w")
         print(f"resuming {out} at epoch {start_epoch}")
     else:
         write_log(out, [], mode="w")
+    (out / "config.json").write_text(json.dumps(config, indent=2))
 
+    teacher_accuracy = None
+    if teacher is not None:
+        teacher_accuracy = evaluate(teacher, test_loader, config)
+        print(f"teacher {config['teacher']} test accuracy {teacher_accuracy:.2f}")
+    torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick its fastest kernels once
     torch.compiler.reset()  # drop what an earlier compile in this process (a teacher's run, say) holds
     loss_fn = make_loss_fn(student, teacher, distill, config)
     skips_before = cudagraph_skips()
@@ -341,10 +539,19 @@ def run(config, out, resume=False, datasets=None):
             group["lr"] = lr
         epoch_started = time.time()
         estimate = config["epochs"] - epoch + 1 if epoch == start_epoch else 0  # warn once, after 10 steps
-        mean_terms, train_accuracy = train_one_epoch(loss_fn, optimizer, train_loader, config, estimate)
+        try:
+            mean_terms, train_accuracy = train_one_epoch(loss_fn, optimizer, train_loader, config, estimate, then)
+        except Exception as error:
+            if not (config["compile"] and is_compile_error(error)):
+                raise
+            first_lines = " | ".join(line.strip() for line in str(error).strip().splitlines()[:3] if line.strip())
+            sys.exit(f"error: torch.compile failed on the training step ({type(error).__name__}: {first_lines[:500]}). "
+                     f"Run the same command with --no-compile{' --resume' if start_epoch > 1 else ''}: the same "
+                     f"training, uncompiled and slower. (It needs a working C++ compiler on the CPU, Triton on CUDA.)")
         if not all(map(math.isfinite, mean_terms)):
-            sys.exit(f"error: non-finite loss in epoch {epoch} (ce, feat, kd, total = {mean_terms}); "
-                     f"the last good checkpoint is {out / 'last.pt'}")
+            kept = (f"{out / 'last.pt'} (epoch {epoch - 1}) is the last good checkpoint" if epoch > 1 else
+                    "it was the first epoch, so no checkpoint was written")
+            sys.exit(f"error: non-finite loss in epoch {epoch} (ce, feat, kd, total = {mean_terms}); {kept}")
         epoch_time = time.time() - epoch_started
         if config["cuda_graphs"] and epoch == start_epoch and cudagraph_skips() > skips_before:
             print("warning: torch declined to record CUDA graphs for part of the step, which runs as plain compiled "
@@ -354,23 +561,23 @@ def run(config, out, resume=False, datasets=None):
             best = {"accuracy": test_accuracy, "epoch": epoch}
         row = dict(zip(LOG_COLUMNS, [epoch, lr, *mean_terms, train_accuracy, test_accuracy, epoch_time,
                                      train_loader.num_samples / epoch_time]))
-        print(f"epoch {epoch:3d}/{config['epochs']}  lr {lr:.4g}  loss {mean_terms[3]:.4f} (ce {mean_terms[0]:.4f} "
-              f"feat {mean_terms[1]:.4f} kd {mean_terms[2]:.4f})  train {row['train_acc']:.2f}%  "
-              f"test {test_accuracy:.2f}%  {epoch_time:.1f}s  {row['images_per_s']:.0f} img/s", flush=True)
-        checkpoint = {
+        last = {
             "model": student.state_dict(), "epoch": epoch, "accuracy": test_accuracy, "model_name": config["student"],
             "projector": distill.state_dict() if distill is not None else {}, "optimizer": optimizer.state_dict(),
             "loader": train_loader.state_dict(), "rng_cpu": torch.get_rng_state(), "best": best,
             "wall_time_s": wall_before + time.time() - run_started,
         }
         if config["device"].startswith("cuda"):
-            checkpoint["rng_cuda"] = torch.cuda.get_rng_state()
-        write_log(out, [row])  # before last.pt: a kill in between leaves a row that resume drops, never a gap
-        if best["epoch"] == epoch:
-            save_atomically(checkpoint, out / "best.pt")
-        save_atomically(checkpoint, out / "last.pt")
+            last["rng_cuda"] = torch.cuda.get_rng_state()
+        with sigint_deferred():  # the row, the checkpoints and the epoch's line: all of them or none
+            write_log(out, [row])  # before last.pt: a kill in between leaves a row that resume drops, never a gap
+            if best["epoch"] == epoch:
+                save_atomically(last, out / "best.pt")
+            save_atomically(last, out / "last.pt")
+            print(f"epoch {epoch:3d}/{config['epochs']}  lr {lr:.4g}  loss {mean_terms[3]:.4f} (ce {mean_terms[0]:.4f} "
+                  f"feat {mean_terms[1]:.4f} kd {mean_terms[2]:.4f})  train {train_accuracy:.2f}%  "
+                  f"test {test_accuracy:.2f}%  {epoch_time:.1f}s  {row['images_per_s']:.0f} img/s", flush=True)
 
-    last = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
     summary = {"student": config["student"], "teacher": config["teacher"], "method": config["method"],
                "last_accuracy": last["accuracy"], "last_epoch": last["epoch"],
                "best_accuracy": best["accuracy"], "best_epoch": best["epoch"],
@@ -385,13 +592,43 @@ def run(config, out, resume=False, datasets=None):
 def write_log(out, rows, mode="a"):
     """Append rows to log.csv; mode "w" rewrites it whole, through a temporary file and a rename."""
     path = out / "log.csv" if mode == "a" else out / "log.csv.tmp"
-    with open(path, mode, newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=LOG_COLUMNS)
+    try:
+        with open(path, mode, newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=LOG_COLUMNS)
+            if mode == "w":
+                writer.writeheader()
+            writer.writerows(rows)
+    except BaseException:
         if mode == "w":
-            writer.writeheader()
-        writer.writerows(rows)
+            path.unlink(missing_ok=True)
+        raise
     if mode == "w":
         os.replace(path, out / "log.csv")
+
+
+def resumed_config(config, args, out):
+    """The recorded configuration of the run in `out`, refusing flags that would change what it computes."""
+    try:
+        saved = json.loads((out / "config.json").read_text())
+    except (OSError, ValueError) as error:
+        sys.exit(f"error: cannot resume: {out / 'config.json'} is unreadable ({error}); nothing was changed")
+    differing = [key for key in sorted(args.given - {"resume", "out", *RESUME_MAY_CHANGE})
+                 if config.get(key) != saved.get(key)]
+    if differing:
+        sys.exit(f"error: {out} was run with " + ", ".join(f"{flag(k)} {saved.get(k)}" for k in differing)
+                 + "; this command asks for " + ", ".join(f"{flag(k)} {config.get(k)}" for k in differing)
+                 + ". A resumed run keeps its recorded configuration, and only --epochs may extend it: drop those "
+                   "flags to continue it, or give another --out to start a new run")
+    if args.device and args.device != saved["device"]:
+        sys.exit(f"error: {out} ran on {saved['device']}; it can only resume there")
+    if saved["device"].startswith("cuda") and not torch.cuda.is_available():
+        sys.exit(f"error: {out} ran on {saved['device']}, and this machine has no CUDA device to resume it on")
+    # keys newer than the run take today's values (an older config.json lacks them); the speed switches and the
+    # data's place may change, and --epochs extends the run
+    changed = {key: config[key] for key in args.given & set(RESUME_MAY_CHANGE)}
+    config = {**config, **saved, **changed, "epochs": args.epochs or saved["epochs"]}
+    config["cuda_graphs"] = config["cuda_graphs"] and config["compile"]  # graphs replay the compiled step
+    return config
 
 
 def main(argv=None):
@@ -399,21 +636,17 @@ def main(argv=None):
     config = resolve_config(args)
     out = Path(args.out) if args.out else default_run_folder(config)
     if args.resume and (out / "config.json").exists():
-        # a resumed run keeps its recorded configuration (device included: random streams differ between
-        # devices, so only the same one resumes exactly); --epochs alone may extend it
-        saved = json.loads((out / "config.json").read_text())
-        if args.device and args.device != saved["device"]:
-            sys.exit(f"error: {out} ran on {saved['device']}; it can only resume there")
-        if saved["device"].startswith("cuda") and not torch.cuda.is_available():
-            sys.exit(f"error: {out} ran on {saved['device']}, and this machine has no CUDA device to resume it on")
-        # (keys newer than the run take today's values: an older run's config.json lacks them)
-        config = {**config, **saved, "epochs": args.epochs or saved["epochs"]}
+        config = resumed_config(config, args, out)
     if config["teacher_ckpt"]:  # fail fast, before any data is downloaded or a run folder is made
         try:
             models.load_weights(models.build_model(config["teacher"]), config["teacher_ckpt"])
         except (ValueError, FileNotFoundError) as error:
             sys.exit(f"error: teacher checkpoint {config['teacher_ckpt']}: {error}")
-    return run(config, out, args.resume)
+    try:
+        return run(config, out, args.resume)
+    except KeyboardInterrupt:  # before a run folder was claimed (a run's own interrupt exits inside run)
+        print("interrupted before training began: nothing was written", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,195 @@
+"""The branches that run only on CUDA, in one short command on a GPU; skipped where CUDA is absent.
+
+    pytest -q -rP test_cuda.py      # -rP also prints what each test measured (deviations, memory)
+
+The loader's CUDA generator and memory, the default speed path (bf16 autocast, channels_last, torch.compile, fused
+SGD) against eager float32, CUDA graphs against the plain compiled step, the compiled graph count, and train.py's
+resume with its CUDA RNG state. Small models (resnet8) keep the cold compilations short.
+"""
+import io
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    pytest.skip("needs a CUDA device", allow_module_level=True)
+
+import torch._dynamo.testing  # noqa: E402
+
+import data  # noqa: E402
+import models  # noqa: E402
+import train  # noqa: E402
+from test_data import all_views, assert_same_epochs, epoch_views, epochs, fingerprints, random_images  # noqa: E402
+
+DEVICE = "cuda"
+BF16_UNIT_ROUNDOFF = 2.0 ** -8  # bf16 keeps 8 significant bits: each rounding is off by at most 2^-8 relatively
+
+
+def cpu_batches(loader):
+    return [(x.cpu(), y.cpu()) for x, y in loader]
+
+
+def test_loader_on_cuda_gives_the_cpu_loaders_batches_of_valid_views():
+    images, labels = random_images(100), torch.arange(100)
+    loader = data.Loader(images, labels, 32, True, DEVICE, seed=3)
+    batches = list(loader)
+    assert all(x.device.type == y.device.type == "cuda" for x, y in batches)
+    on_cpu = list(data.Loader(images, labels, 32, True, "cpu", seed=3))
+    assert [(x.shape, x.dtype, y.shape, y.dtype) for x, y in batches] == \
+           [(x.shape, x.dtype, y.shape, y.dtype) for x, y in on_cpu]
+    views = all_views(images)
+    view_prints = torch.stack([fingerprints(v) for v in views])
+    for _ in range(2):  # each sample one of its image's 162 views (a zero-padded crop, flipped or not), each image once
+        sources, _ = epoch_views(cpu_batches(loader), views, view_prints)
+        assert torch.equal(sources.sort().values, torch.arange(100))
+
+
+def test_loader_on_cuda_is_seeded_and_replays_from_its_state():
+    images, labels = random_images(50), torch.arange(50)
+    first = epochs(data.Loader(images, labels, 16, True, DEVICE, seed=7), 2)
+    assert_same_epochs(first, epochs(data.Loader(images, labels, 16, True, DEVICE, seed=7), 2))
+    loader = data.Loader(images, labels, 16, True, DEVICE, seed=5)
+    epochs(loader, 1)
+    buffer = io.BytesIO()
+    torch.save(loader.state_dict(), buffer)  # as train.py's checkpoint does
+    expected = epochs(loader, 2)
+    resumed = data.Loader(images, labels, 16, True, DEVICE, seed=99)
+    buffer.seek(0)
+    resumed.load_state_dict(torch.load(buffer, weights_only=True))
+    assert_same_epochs(expected, epochs(resumed, 2))
+
+
+def test_an_augmented_epoch_of_50000_images_needs_under_1_gib_more_than_the_dataset():
+    images = torch.randint(0, 256, (50_000, 3, 32, 32), dtype=torch.uint8)
+    loader = data.Loader(images, torch.zeros(50_000, dtype=torch.int64), 64, True, DEVICE)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    dataset = torch.cuda.memory_allocated()  # the uint8 images and their labels, already on the device
+    assert dataset >= images.numel()
+    batches = sum(1 for _ in loader)
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - dataset
+    print(f"one augmented epoch ({batches} batches): peak {extra / 2 ** 20:.0f} MiB above the "
+          f"{dataset / 2 ** 20:.0f} MiB dataset")
+    assert batches == 782 and extra < 2 ** 30
+
+
+def build(flags, method="srd"):
+    """resnet8 -> resnet8 (or resnet8 alone for method none) on CUDA under train.py's flags, from fixed weights."""
+    teacher_flags = ["--teacher", "resnet8"] if method != "none" else []
+    config = train.resolve_config(train.parse_args(["--student", "resnet8", *teacher_flags, "--method", method,
+                                                    "--device", DEVICE, *flags]))
+    torch.manual_seed(0)
+    teacher = train.build_on_device("resnet8", config).eval().requires_grad_(False) if method != "none" else None
+    student, distill, optimizer = train.build_student(config, teacher)  # seeded: the same weights every time
+    torch.compiler.reset()
+    return config, student, optimizer, train.make_loss_fn(student, teacher, distill, config)
+
+
+def train_steps(flags, batches, method="srd"):
+    """The loss terms (ce, feat, kd, total) of each step, and the student afterwards."""
+    config, student, optimizer, loss_fn = build(flags, method)
+    terms = []
+    for x, y in batches:
+        step_terms, _ = train.train_step(loss_fn, optimizer, x, y, config)
+        terms.append(step_terms.clone())  # a CUDA graph's outputs are overwritten by its next replay
+    torch.cuda.synchronize()
+    return torch.stack(terms).cpu(), student
+
+
+def test_default_cuda_step_tracks_eager_float32_over_20_steps():
+    """bf16 autocast + channels_last + compile + fused SGD against eager fp32 + foreach SGD, same weights and batches.
+
+    Tolerance: bf16 rounds each operand to 8 significant bits (relative error u = 2^-8 = 0.39%); products accumulate
+    in fp32, so a layer's output is off by about u relatively and resnet8's 8 weight layers by at most ~8u. A loss
+    term (log-sum-exp of logits; the LogSum of |r|^4, where a relative error e in r moves log S by 4e) then differs
+    by at most ~4 x 8u = 12.5% relatively, or ~0.125 absolutely near 1; the weights drift by lr x (gradient error) per
+    step, too little over 20 steps to add to it. The measured deviation is printed."""
+    loader = data.Loader(*data.fake_cifar100(20 * 64, seed=0), 64, True, DEVICE)
+    batches = [(x.clone(), y.clone()) for x, y in loader]
+    allow_tf32 = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False  # a true fp32 reference: cuDNN convolutions default to TF32
+    try:
+        reference, _ = train_steps(["--no-bf16", "--no-channels-last", "--no-compile", "--no-fused-sgd"], batches)
+    finally:
+        torch.backends.cudnn.allow_tf32 = allow_tf32
+    fast, _ = train_steps([], batches)
+    deviation = (fast - reference).abs()
+    print(f"bf16 default step vs eager fp32, 20 steps: max |difference| per term (ce, feat, kd, total) "
+          f"{deviation.max(0).values.tolist()}, relative {(deviation / reference.abs().clamp_min(1)).max().item():.4f}")
+    assert not torch.equal(fast, reference)  # bf16 did run
+    bound = 4 * 8 * BF16_UNIT_ROUNDOFF
+    torch.testing.assert_close(fast, reference, rtol=bound, atol=bound)
+
+
+def test_cuda_graphs_change_nothing_and_update_batchnorm_once_per_step():
+    """10 steps of resnet8 alone (two epochs of 4 full batches and a last one of 16) with and without CUDA graphs,
+    both compiled in fp32: the same losses, weights and BatchNorm running statistics. A warm-up or recording call
+    that ran the step twice would show in num_batches_tracked and the running means."""
+    loader = data.Loader(*data.fake_cifar100(4 * 64 + 16, seed=0), 64, True, DEVICE)
+    batches = [(x.clone(), y.clone()) for _ in range(2) for x, y in loader]
+    assert len(batches) == 10 and len(batches[-1][1]) == 16
+    deterministic = torch.backends.cudnn.deterministic
+    torch.backends.cudnn.deterministic = True  # no atomics in cuDNN's backward: the two runs differ only by graphs
+    try:
+        plain, plain_student = train_steps(["--no-bf16", "--compile"], batches, method="none")
+        skips = train.cudagraph_skips()
+        graphs, graphs_student = train_steps(["--no-bf16", "--compile", "--cuda-graphs"], batches, method="none")
+    finally:
+        torch.backends.cudnn.deterministic = deterministic
+    assert train.cudagraph_skips() == skips, "torch declined to record CUDA graphs: TORCH_LOGS=cudagraphs says why"
+    print(f"CUDA graphs vs plain compiled, 10 steps: max |loss difference| {(graphs - plain).abs().max().item():.2e}")
+    torch.testing.assert_close(graphs, plain, rtol=1e-5, atol=1e-5)
+    plain_state, graphs_state = plain_student.state_dict(), graphs_student.state_dict()
+    for key, tensor in plain_state.items():  # a second update per step would move running means by ~10%
+        if key.endswith("num_batches_tracked"):
+            assert graphs_state[key].item() == tensor.item() == 10, key
+        else:
+            torch.testing.assert_close(graphs_state[key], tensor, rtol=1e-4, atol=1e-5, msg=key)
+
+
+def test_two_epochs_with_an_evaluation_compile_exactly_two_graphs(monkeypatch):
+    counter = torch._dynamo.testing.CompileCounter()  # counts the graphs dynamo hands to the backend
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, dynamic, mode: real_compile(fn, backend=counter, dynamic=dynamic))
+    config, student, optimizer, loss_fn = build([])  # the CUDA defaults: bf16, channels_last, fused SGD
+    images, labels = data.fake_cifar100(96, seed=0)  # one batch of 64 and a last one of 32
+    for _ in range(2):
+        train.train_one_epoch(loss_fn, optimizer, data.Loader(images, labels, 64, True, DEVICE), config)
+        train.evaluate(student, data.Loader(images, labels, 50, False, DEVICE), config)
+    assert counter.frame_count == 2
+    torch._dynamo.reset()
+
+
+def test_train_py_resume_on_cuda_replays_the_same_run(tmp_path, monkeypatch):
+    """2 epochs + --resume to 3 against 3 straight, on fake data with every CUDA default. Each epoch also draws from
+    torch's CUDA generator, so the runs' final CUDA RNG states agree only if the checkpoint restored it."""
+    real_epoch = train.train_one_epoch
+
+    def epoch_drawing_cuda_randomness(*args, **kwargs):
+        torch.rand(1, device=DEVICE)
+        return real_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(train, "train_one_epoch", epoch_drawing_cuda_randomness)
+    torch.manual_seed(0)
+    torch.save(models.build_model("resnet8").state_dict(), tmp_path / "teacher.pt")
+    common = ["--teacher", "resnet8", "--teacher-ckpt", str(tmp_path / "teacher.pt"), "--student", "resnet8",
+              "--dataset", "fake", "--device", DEVICE]
+    train.main([*common, "--epochs", "3", "--out", str(tmp_path / "straight")])
+    train.main([*common, "--epochs", "2", "--out", str(tmp_path / "resumed")])
+    train.main([*common, "--epochs", "3", "--out", str(tmp_path / "resumed"), "--resume"])
+    straight, resumed = (torch.load(tmp_path / name / "last.pt", weights_only=True) for name in ("straight", "resumed"))
+    assert straight["epoch"] == resumed["epoch"] == 3
+    assert torch.equal(straight["loader"]["generator"], resumed["loader"]["generator"])  # the same data order
+    assert torch.equal(straight["rng_cuda"], resumed["rng_cuda"]) and torch.equal(straight["rng_cpu"], resumed["rng_cpu"])
+    logs = [(tmp_path / name / "log.csv").read_text().splitlines() for name in ("straight", "resumed")]
+    assert [row.split(",")[0] for row in logs[0]] == [row.split(",")[0] for row in logs[1]] == ["epoch", "1", "2", "3"]
+    # cuDNN's autotuned kernels and atomics-based backward passes are not bitwise deterministic: allow what one
+    # epoch of training makes of last-bit differences (the measured deviation is printed)
+    worst = 0.0
+    for part in ("model", "projector"):
+        for key, tensor in straight[part].items():
+            if tensor.is_floating_point():
+                worst = max(worst, ((tensor - resumed[part][key]).abs().max() / tensor.abs().max().clamp_min(1e-3)).item())
+                torch.testing.assert_close(resumed[part][key], tensor, rtol=2e-2, atol=2e-3, msg=f"{part} {key}")
+    print(f"resume vs straight after 3 epochs: largest difference relative to the tensor's largest entry {worst:.2e}")
