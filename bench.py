@@ -8,6 +8,8 @@
 (b) project: train.train_step: data.Loader on the device, bf16 autocast, channels_last, torch.compile, fused SGD,
     no per-step host sync (each switched on by train.py's CUDA defaults).
 (c) graphs (CUDA only): (b) with train.py --cuda-graphs, the compiled step replayed as CUDA graphs.
+(d) cached (opt-in, methods with a teacher): (b) with train.py --teacher-cache: the teacher runs once on all 162 views
+    of every image (the fill, timed on its own), and each step reads its features instead of running it.
 Both compute the same objective (train.make_loss_fn) on synthetic uint8 images of CIFAR shape.
 """
 import argparse
@@ -46,7 +48,7 @@ class PILImages(torch.utils.data.Dataset):
 
 
 PIPELINE_FLAGS = {"reference": ["--no-bf16", "--no-channels-last", "--no-compile"], "project": [],
-                  "graphs": ["--cuda-graphs"]}
+                  "graphs": ["--cuda-graphs"], "cached": ["--teacher-cache"]}
 
 
 def step_config(args, method, pipeline):
@@ -56,16 +58,21 @@ def step_config(args, method, pipeline):
 
 
 def time_pipeline(args, method, pipeline, images, labels):
-    """Seconds per step after warm-up, and the seconds of the warm-up (compilation included)."""
-    optimised = pipeline != "reference"
+    """Seconds per step after warm-up, the seconds of the warm-up (compilation included), and of the teacher
+    cache's fill (0 without one)."""
+    optimised, cached = pipeline != "reference", pipeline == "cached"
     config = step_config(args, method, pipeline)
     torch.compiler.reset()  # a fresh compile cache each time: the step's code object allows only 8 entries
     teacher = train.build_on_device(args.teacher, config).eval().requires_grad_(False) if method != "none" else None
     student, distill, optimizer = train.build_student(config, teacher)
     loss_fn = train.make_loss_fn(student, teacher, distill, config)
+    cache, fill_s = None, 0.0
     if optimised:
-        batches = itertools.chain.from_iterable(itertools.repeat(
-            data.Loader(images, labels, args.batch_size, True, args.device)))
+        loader = data.Loader(images, labels, args.batch_size, True, args.device, views=cached)
+        batches = itertools.chain.from_iterable(itertools.repeat(loader))
+        if cached:
+            cache = train.TeacherCache(teacher, loader, config)
+            fill_s = cache.fill_time_s
     else:
         loader = torch.utils.data.DataLoader(PILImages(images, labels), args.batch_size, shuffle=True,
                                              num_workers=args.workers, pin_memory=config["device"].startswith("cuda"),
@@ -75,9 +82,10 @@ def time_pipeline(args, method, pipeline, images, labels):
                                     weight_decay=config["weight_decay"])  # torch's default (foreach) SGD
 
     def step():
-        x, y = next(batches)
+        x, y, *drawn = next(batches)
         terms, correct = train.train_step(loss_fn, optimizer, x.to(args.device, non_blocking=True),
-                                          y.to(args.device, non_blocking=True), config)
+                                          y.to(args.device, non_blocking=True), config,
+                                          cache.lookup(*drawn) if cache else None)
         if not optimised:
             terms[3].item(), correct.item()  # the reference loops' meters: a host sync every step
 
@@ -91,7 +99,7 @@ def time_pipeline(args, method, pipeline, images, labels):
     for _ in range(args.steps):
         step()
     synchronize()
-    return (time.perf_counter() - started) / args.steps, warmup
+    return (time.perf_counter() - started) / args.steps, warmup, fill_s
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -141,8 +149,10 @@ def main(argv=None):
     # reference first: its DataLoader forks workers before any compiler has started threads in this process
     pipelines = sorted(args.pipelines, key=list(PIPELINE_FLAGS).index)
     for pipeline, method in itertools.product(pipelines, args.methods):
+        if pipeline == "cached" and method == "none":
+            continue  # no teacher, nothing to cache
         try:
-            step_s, warmup_s = time_pipeline(args, method, pipeline, images, labels)
+            step_s, warmup_s, fill_s = time_pipeline(args, method, pipeline, images, labels)
         except Exception:  # report it and go on: one broken variant must not cost the other measurements
             traceback.print_exc()
             print(f"{method:4s} {pipeline:9s}  FAILED (traceback above)", flush=True)
@@ -150,15 +160,19 @@ def main(argv=None):
             continue
         ips = args.batch_size / step_s
         results[method, pipeline] = {"step_ms": 1e3 * step_s, "images_per_s": ips, "warmup_s": warmup_s,
-                                     "recipe_minutes": RECIPE_EPOCHS * EPOCH_IMAGES / ips / 60}
+                                     "recipe_minutes": RECIPE_EPOCHS * EPOCH_IMAGES / ips / 60,
+                                     "fill_minutes": fill_s * EPOCH_IMAGES / args.num_images / 60}
+        fill = (f"; the cache's fill {fill_s:.1f} s for {args.num_images:,} images, "
+                f"{results[method, pipeline]['fill_minutes']:.1f} min for {EPOCH_IMAGES:,}") if fill_s else ""
         print(f"{method:4s} {pipeline:9s}  {1e3 * step_s:7.2f} ms/step  {ips:9.0f} img/s  "
-              f"240 epochs in {results[method, pipeline]['recipe_minutes']:7.1f} min  (warm-up {warmup_s:.1f} s)",
+              f"240 epochs in {results[method, pipeline]['recipe_minutes']:7.1f} min  (warm-up {warmup_s:.1f} s{fill})",
               flush=True)
-    for method, pipeline in itertools.product(args.methods, ("project", "graphs")):
-        if (method, "reference") in results and (method, pipeline) in results:
-            ours, reference = results[method, pipeline]["step_ms"], results[method, "reference"]["step_ms"]
-            print(f"{method}: {pipeline} is {reference / ours:.2f}x as fast as reference "
-                  f"(reference's {reference:.1f} ms/step over {pipeline}'s {ours:.1f} ms/step)")
+    comparisons = (("project", "reference"), ("graphs", "reference"), ("cached", "reference"), ("cached", "project"))
+    for method, (pipeline, baseline) in itertools.product(args.methods, comparisons):
+        if (method, baseline) in results and (method, pipeline) in results:
+            ours, theirs = results[method, pipeline]["step_ms"], results[method, baseline]["step_ms"]
+            print(f"{method}: {pipeline} is {theirs / ours:.2f}x as fast as {baseline} "
+                  f"({baseline}'s {theirs:.1f} ms/step over {pipeline}'s {ours:.1f} ms/step)")
     for pipeline in args.pipelines:
         for baseline in ("none", "kd"):
             if ("srd", pipeline) in results and (baseline, pipeline) in results:

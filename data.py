@@ -23,6 +23,8 @@ CIFAR100_STD = (0.2675, 0.2565, 0.2761)
 ARCHIVE_URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
 ARCHIVE_MD5 = "eb9058c3a382ffc7106e4002c42a8d85"
 PAD = 4  # RandomCrop(32, padding=4): a 40x40 zero-padded image, 9 x 9 crop positions
+SIDE = 2 * PAD + 1  # crop positions per axis
+NUM_VIEWS = 2 * SIDE * SIDE  # 162 distinct training views of an image: 9 x 9 crops, flipped or not
 AUGMENT_CHUNK = 4096  # images augmented per gather
 
 
@@ -151,17 +153,32 @@ def crop_and_flip(images, offsets, flips):
     return padded[n, channels, rows[:, None, :, None], cols[:, None, None, :]]  # broadcasts to N x 3 x 32 x 32
 
 
+def view_index(offsets, flips):
+    """Each sample's view k = 81 flip + 9 top + left, in 0..161, from its crop offsets (top, left) and flip bit."""
+    return flips.long() * SIDE * SIDE + offsets[:, 0] * SIDE + offsets[:, 1]
+
+
+def view_parameters(views):
+    """(offsets N x 2, flips N) of view indices: the inverse of view_index."""
+    return torch.stack([views % (SIDE * SIDE) // SIDE, views % SIDE], dim=1), views >= SIDE * SIDE
+
+
 class Loader:
     """One pass over `images` per `for` loop, as (x float32 normalised, y int64) batches on `device`.
 
     train=True: each epoch draws, from the loader's own generator, a fresh permutation, crop offsets uniform over
     {0..8}^2 and flip bits with p=0.5, then augments them in a few large crop_and_flip calls; the last partial batch is
     kept, as the reference DataLoaders do. The generator state (state_dict) is all a resume needs to replay the
-    following epochs exactly. train=False: the images in order, unaugmented."""
+    following epochs exactly. train=False: the images in order, unaugmented.
 
-    def __init__(self, images, labels, batch_size, train, device, seed=0):
+    views=True (train only): each batch also carries which image (its index in `images`) and which of its 162 views
+    (view_index) every sample is, for a lookup of precomputed teacher outputs."""
+
+    def __init__(self, images, labels, batch_size, train, device, seed=0, views=False):
         self.images, self.labels = images.to(device), labels.to(device)  # the only host-to-device copy
-        self.batch_size, self.train, self.device = batch_size, train, torch.device(device)
+        self.batch_size, self.train, self.device, self.views = batch_size, train, torch.device(device), views
+        if views and not train:
+            raise ValueError("views=True describes the augmentation of a training loader; this one has none")
         self.mean = torch.tensor(CIFAR100_MEAN, device=device).view(1, 3, 1, 1)
         self.std = torch.tensor(CIFAR100_STD, device=device).view(1, 3, 1, 1)
         self.generator = torch.Generator(device=device)
@@ -178,7 +195,7 @@ class Loader:
         """(permutation, offsets N x 2, flips N) for the next epoch; advances the generator."""
         n, g = self.num_samples, self.generator
         order = torch.randperm(n, generator=g, device=self.device)
-        offsets = torch.randint(0, 2 * PAD + 1, (n, 2), generator=g, device=self.device)
+        offsets = torch.randint(0, SIDE, (n, 2), generator=g, device=self.device)
         flips = torch.randint(0, 2, (n,), generator=g, device=self.device).bool()
         return order, offsets, flips
 
@@ -194,12 +211,16 @@ class Loader:
             if self.train:
                 ids = order[part]
                 images, labels = crop_and_flip(self.images[ids], offsets[part], flips[part]), self.labels[ids]
+                drawn = (ids, view_index(offsets[part], flips[part])) if self.views else ()
             else:
-                images, labels = self.images[part], self.labels[part]
+                images, labels, drawn = self.images[part], self.labels[part], ()
             for start in range(0, len(labels), self.batch_size):
-                x = images[start:start + self.batch_size]
-                # float and normalise per batch: a chunk in float32 would be 4x its uint8 memory
-                yield (x.float() / 255 - self.mean) / self.std, labels[start:start + self.batch_size]
+                batch = slice(start, start + self.batch_size)
+                yield self.normalise(images[batch]), labels[batch], *(t[batch] for t in drawn)
+
+    def normalise(self, images):
+        """uint8 pixels -> float32, standardised per channel; per batch, as a chunk in float32 is 4x its uint8."""
+        return (images.float() / 255 - self.mean) / self.std
 
     def state_dict(self):
         return {"generator": self.generator.get_state()}

@@ -56,6 +56,17 @@ def test_bench_runs_both_pipelines_on_cpu(capsys):
     assert "note: a timed window of 2 steps" in out and "too short for these figures to mean anything" in out
 
 
+def test_bench_times_the_teacher_cache_and_its_fill_apart(capsys):
+    results, failed = bench.main(["--teacher", "resnet8", "--student", "resnet8", "--steps", "2", "--warmup", "1",
+                                  "--num-images", "34", "--batch-size", "32", "--workers", "0", "--device", "cpu",
+                                  "--pipelines", "project", "cached", "--methods", "srd", "none"])
+    assert not failed and set(results) == {("srd", "project"), ("none", "project"), ("srd", "cached")}
+    assert results["srd", "cached"]["fill_minutes"] > 0 and results["srd", "project"]["fill_minutes"] == 0
+    out = capsys.readouterr().out
+    assert "teacher cache filled: 5,508 views" in out and "the cache's fill" in out
+    assert "srd: cached is " in out and "x as fast as project (project's " in out
+
+
 def test_bench_help_shows_the_defaults_and_the_cpu_smoke_command(capsys):
     with pytest.raises(SystemExit):
         bench.parse_args(["--help"])

@@ -231,3 +231,55 @@ def test_cuda_run_cannot_resume_without_cuda(tmp_path):
     with pytest.raises(SystemExit) as exit_info:
         train.main(["--student", "resnet8", "--resume", "--out", str(tmp_path)])
     assert "no CUDA device to resume it on" in str(exit_info.value.code)
+
+
+@pytest.fixture(scope="module")
+def random_teacher(tmp_path_factory):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("random_teacher") / "resnet8.pt"
+    torch.save(models.build_model("resnet8").state_dict(), path)
+    return path
+
+
+def cached_run(teacher, folder, epochs, cache, resume=False):
+    """srd with a KD term too (the cache serves the teacher's features and logits), 34 + 50 fake images."""
+    argv = ["--teacher", "resnet8", "--teacher-ckpt", str(teacher), "--student", "resnet8", "--kd-weight", "0.5",
+            "--epochs", str(epochs), "--batch-size", "32", "--device", "cpu", *(["--teacher-cache"] if cache else [])]
+    datasets = (data.fake_cifar100(34, seed=0), data.fake_cifar100(50, seed=1))  # batches of 32 and 2
+    return train.run(train.resolve_config(train.parse_args(argv)), folder, resume=resume, datasets=datasets)
+
+
+def test_teacher_cache_changes_nothing_and_resumes(random_teacher, tmp_path, capsys):
+    cached_run(random_teacher, tmp_path / "online", 2, cache=False)
+    cached_run(random_teacher, tmp_path / "cached", 2, cache=True)
+    out = capsys.readouterr().out
+    assert "teacher cache: 34 images x 162 views x 64 features x 4 B = 0.00 GiB on cpu" in out
+    assert "teacher cache filled: 5,508 views" in out
+    cached_run(random_teacher, tmp_path / "resumed", 1, cache=True)
+    cached_run(random_teacher, tmp_path / "resumed", 2, cache=True, resume=True)
+    untimed = [c for c in train.LOG_COLUMNS if c not in ("epoch_time_s", "images_per_s")]
+    online = [[r[c] for c in untimed] for r in read_log(tmp_path / "online")]
+    assert all(float(r[2]) != 0 and float(r[3]) != 0 for r in online)  # loss_feat and loss_kd both in use
+    for name in ("cached", "resumed"):
+        assert [[r[c] for c in untimed] for r in read_log(tmp_path / name)] == online, name  # identical losses
+        reference, other = (torch.load(tmp_path / n / "last.pt", weights_only=True) for n in ("online", name))
+        for part in ("model", "projector"):
+            for key, tensor in reference[part].items():
+                torch.testing.assert_close(other[part][key], tensor, rtol=1e-6, atol=1e-7, msg=f"{name} {key}")
+
+
+def test_teacher_cache_that_does_not_fit_is_refused_before_filling(random_teacher, tmp_path, monkeypatch):
+    monkeypatch.setattr(train, "free_memory", lambda device: 2 * 2 ** 30)  # 2 GiB free, all of it headroom
+    with pytest.raises(SystemExit) as exit_info:
+        cached_run(random_teacher, tmp_path / "run", 1, cache=True)
+    message = str(exit_info.value.code)
+    assert "the teacher cache needs 0.00 GiB and cpu has 2.00 GiB free" in message
+    assert "run without --teacher-cache" in message and not (tmp_path / "run").exists()
+
+
+def test_teacher_cache_needs_a_teacher(capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args(["--student", "resnet8", "--teacher-cache"])
+    assert "--teacher-cache stores a teacher's outputs: it needs --teacher" in capsys.readouterr().err
+    config = train.resolve_config(train.parse_args(["--teacher", "resnet8", "--student", "resnet8", "--teacher-cache"]))
+    assert train.teacher_training_config(config)["teacher_cache"] is False  # a teacher trained first has none

@@ -43,8 +43,10 @@ FAKE_SIZES = {"fake": (2000, 500),  # train, test images: seconds per epoch on a
 # flags a resumed run may change: --epochs extends it, the rest decide where and how fast it runs, not what it
 # computes (--device has its own check: random streams differ between devices)
 RESUME_MAY_CHANGE = ("epochs", "data_dir", "no_download", "device", "compile", "channels_last", "fused_sgd",
-                     "cuda_graphs")
+                     "cuda_graphs", "teacher_cache")
 CHECKPOINT_KEYS = ("model", "epoch", "projector", "optimizer", "loader", "rng_cpu", "best", "wall_time_s")
+CACHE_BATCH = 2048  # images per teacher forward pass while filling the teacher cache
+CACHE_HEADROOM = 2 * 2 ** 30  # bytes the teacher cache leaves free for training itself
 
 
 def finite_float(text):
@@ -101,6 +103,8 @@ def parse_args(argv=None):
         speed.add_argument("--" + name, action=argparse.BooleanOptionalAction, help=what)
     speed.add_argument("--cuda-graphs", action="store_true", help="replay the compiled step as CUDA graphs "
                        "(torch.compile mode reduce-overhead); off by default: whether it pays off is unmeasured")
+    speed.add_argument("--teacher-cache", action="store_true", help="run the teacher once on all 162 views of every "
+                       "training image, then look its outputs up (exact); off by default: its gain is unmeasured")
     args = p.parse_args(argv)
     # which flags the command line gave: argparse fills in a default only where the namespace lacks the attribute
     unset = object()
@@ -123,6 +127,8 @@ def parse_args(argv=None):
         p.error("--method none trains the student alone: drop --teacher")
     if not args.teacher and args.method != "none":
         p.error(f"--method {args.method} needs --teacher")
+    if args.teacher_cache and not args.teacher:
+        p.error("--teacher-cache stores a teacher's outputs: it needs --teacher")
     return args
 
 
@@ -156,7 +162,7 @@ def resolve_config(args):
 def teacher_training_config(config):
     """The same recipe and data, with the teacher trained alone on cross-entropy."""
     return dict(config, student=config["teacher"], teacher=None, teacher_ckpt=None, method="none",
-                lr=default_lr(config["teacher"]), ce_weight=1.0, kd_weight=0.0, feat_weight=0.0)
+                lr=default_lr(config["teacher"]), ce_weight=1.0, kd_weight=0.0, feat_weight=0.0, teacher_cache=False)
 
 
 def default_run_folder(config):
@@ -188,20 +194,34 @@ def lr_at(config, epoch):
     return config["lr"] * 0.1 ** sum(epoch > m for m in config["milestones"])
 
 
+def teacher_forward(teacher, images, config):
+    """The frozen teacher's (logits, pooled features) under the run's autocast and memory format: eval mode, no
+    graph. The online step and the teacher cache's fill both call this, so the two give the same numbers."""
+    if config["channels_last"]:
+        images = images.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad(), torch.autocast(torch.device(config["device"]).type, torch.bfloat16, enabled=config["bf16"]):
+        return teacher(images, return_features=True)
+
+
 def make_loss_fn(student, teacher, distill, config):
     """The per-batch objective: CE, plus the feature distance D and/or KD when a teacher is present.
 
-    Returns (total, terms, correct) as device tensors: nothing here forces a CPU-GPU sync."""
+    loss_fn(images, labels, teacher_features=None): the teacher runs on the batch unless its pooled features are
+    given (read from the teacher cache); then only its classifier runs, on them. Returns (total, terms, correct) as
+    device tensors: nothing here forces a CPU-GPU sync."""
     device_type = torch.device(config["device"]).type
 
-    def loss_fn(images, labels):
+    def loss_fn(images, labels, teacher_features=None):
         with torch.autocast(device_type, torch.bfloat16, enabled=config["bf16"]):
             logits, features = student(images, return_features=True)
             ce = F.cross_entropy(logits.float(), labels)
             feat = kd = torch.zeros((), device=images.device)
             if teacher is not None:
-                with torch.no_grad():  # the teacher is frozen: eval mode, no graph
-                    teacher_logits, teacher_features = teacher(images, return_features=True)
+                if teacher_features is None:
+                    teacher_logits, teacher_features = teacher_forward(teacher, images, config)
+                else:  # the classifier on the cached features at this batch's size, exactly as the forward does
+                    with torch.no_grad():
+                        teacher_logits = teacher.head(teacher_features)
                 if config["feat_weight"]:
                     feat = distill(features, teacher_features)  # float32 inside, whatever the autocast
                 if config["kd_weight"]:
@@ -239,29 +259,30 @@ def evaluate(model, loader, config):
     return 100.0 * correct.item() / loader.num_samples
 
 
-def train_step(loss_fn, optimizer, images, labels, config):
+def train_step(loss_fn, optimizer, images, labels, config, teacher_features=None):
     """One SGD step; returns the loss terms and the correct count as device tensors (no host sync)."""
     if config["channels_last"]:
         images = images.contiguous(memory_format=torch.channels_last)
     if config["cuda_graphs"]:
         torch.compiler.cudagraph_mark_step_begin()  # a new iteration: the previous step's graph outputs are free
-    total, terms, correct = loss_fn(images, labels)
+    total, terms, correct = loss_fn(images, labels, teacher_features)
     optimizer.zero_grad(set_to_none=True)
     total.backward()
     optimizer.step()
     return terms, correct
 
 
-def train_one_epoch(loss_fn, optimizer, loader, config, estimate_epochs=0, then=""):
+def train_one_epoch(loss_fn, optimizer, loader, config, estimate_epochs=0, then="", teacher_cache=None):
     """One pass over the training set; returns the mean loss terms (ce, feat, kd, total) and train accuracy (%).
 
     estimate_epochs > 0 on a CPU: after 10 steps, warn how long that many epochs take at this pace, and what
-    follows them in the same job (`then`)."""
+    follows them in the same job (`then`). teacher_cache: a TeacherCache, with a loader that names its views."""
     sums = torch.zeros(4, device=config["device"])  # summed over samples on the device: no sync per step
     correct = torch.zeros((), dtype=torch.long, device=config["device"])
     started = time.time()
-    for step, (images, labels) in enumerate(loader):
-        terms, batch_correct = train_step(loss_fn, optimizer, images, labels, config)
+    for step, (images, labels, *drawn) in enumerate(loader):
+        teacher_features = teacher_cache.lookup(*drawn) if teacher_cache is not None else None
+        terms, batch_correct = train_step(loss_fn, optimizer, images, labels, config, teacher_features)
         sums += terms * labels.shape[0]
         correct += batch_correct
         if config["device"] == "cpu" and estimate_epochs and step == 9:  # the CPU is synchronous: time is real
@@ -272,6 +293,62 @@ def train_one_epoch(loss_fn, optimizer, loader, config, estimate_epochs=0, then=
     n = loader.num_samples
     *totals, total_correct = torch.cat([sums.double(), correct.double()[None]]).tolist()  # the epoch's one sync
     return [total / n for total in totals], 100.0 * total_correct / n
+
+
+class TeacherCache:
+    """The frozen teacher's pooled features for every training image under each of its 162 views, computed once.
+
+    The teacher is in eval mode, so its output depends on the view alone: an image has 9 x 9 crop offsets x 2 flips,
+    and 240 epochs at batch 64 (12 M teacher passes) can instead read rows image * 162 + view of a table filled by
+    8.1 M passes in large batches. The same forward (teacher_forward) fills it, and each step runs the teacher's
+    classifier on the rows it reads (logits are not stored: a matmul's last bits can depend on the batch size, and
+    the features alone take 28% less memory for resnet32x4). So a run with the cache computes what a run without it
+    does: bitwise on the CPU in float32 (test_train.py); on CUDA up to the kernels chosen per batch size."""
+
+    def __init__(self, teacher, loader, config):
+        n, started = loader.num_samples, time.time()
+        self.features = None
+        for view in range(data.NUM_VIEWS):  # all images under one view, in large batches
+            offsets, flips = data.view_parameters(torch.tensor([view], device=config["device"]))
+            for start in range(0, n, CACHE_BATCH):
+                images = loader.images[start:start + CACHE_BATCH]
+                views = data.crop_and_flip(images, offsets.expand(len(images), 2), flips.expand(len(images)))
+                _, features = teacher_forward(teacher, loader.normalise(views), config)
+                if self.features is None:  # in the dtype the online teacher gives (bf16 under autocast)
+                    self.features = features.new_empty(n, data.NUM_VIEWS, features.shape[1])
+                self.features[start:start + len(images), view] = features
+        self.features = self.features.flatten(0, 1)
+        if config["device"].startswith("cuda"):
+            torch.cuda.synchronize()  # the kernels run asynchronously: wait, so the time below is the fill's
+        self.fill_time_s = time.time() - started
+        print(f"teacher cache filled: {n * data.NUM_VIEWS:,} views in {self.fill_time_s:.1f} s")
+
+    def lookup(self, image_index, view):
+        return self.features[image_index * data.NUM_VIEWS + view]
+
+    @staticmethod
+    def check_fits(teacher, num_images, config):
+        """Refuse, before filling, a cache the device's free memory (on the CPU, the available RAM) cannot hold."""
+        itemsize = 2 if config["bf16"] else 4
+        needed = num_images * data.NUM_VIEWS * teacher.feature_dim * itemsize
+        free = free_memory(config["device"])
+        print(f"teacher cache: {num_images:,} images x {data.NUM_VIEWS} views x {teacher.feature_dim} features x "
+              f"{itemsize} B = {needed / 2 ** 30:.2f} GiB on {config['device']}")
+        if needed + CACHE_HEADROOM > free:
+            sys.exit(f"error: the teacher cache needs {needed / 2 ** 30:.2f} GiB and {config['device']} has "
+                     f"{free / 2 ** 30:.2f} GiB free, less the {CACHE_HEADROOM / 2 ** 30:.0f} GiB kept for "
+                     f"training: run without --teacher-cache (the same training, with the teacher run each step)")
+
+
+def free_memory(device):
+    """Bytes free on a CUDA device, or available RAM (Linux's MemAvailable, else free pages) for the CPU."""
+    if device.startswith("cuda"):
+        return torch.cuda.mem_get_info(torch.device(device))[0]
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration):
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 def cudagraph_skips():
@@ -434,7 +511,7 @@ def what_is_intact(out):
     except (OSError, ValueError, KeyError, TypeError):
         notes = ["best.pt is missing or unreadable too"]
     if (out / "log.csv").exists():
-        notes.append(f"log.csv is intact ({sum(1 for _ in open(out / 'log.csv')) - 1} epochs)")
+        notes.append(f"log.csv is intact ({len((out / 'log.csv').read_text().splitlines()) - 1} epochs)")
     return "; ".join(notes)
 
 
@@ -469,6 +546,8 @@ def run(config, out, resume=False, datasets=None, then=""):
         sys.exit(f"error: {len(datasets[0][1])} training images in batches of {config['batch_size']} leave a last "
                  f"batch of one image, which BatchNorm cannot normalise: choose another --batch-size")
     teacher = provide_teacher(config, datasets) if config["teacher"] else None
+    if config["teacher_cache"]:
+        TeacherCache.check_fits(teacher, len(datasets[0][1]), config)
     with claim_run_folder(out):
         check_run_folder(out, resume)  # again: another process may have written here while this one loaded
         try:
@@ -502,7 +581,9 @@ def fit(config, out, resume, teacher, datasets, then=""):
     """The training loop of run(), in a run folder this process holds."""
     (train_images, train_labels), test_set = datasets
     student, distill, optimizer = build_student(config, teacher)
-    train_loader = data.Loader(train_images, train_labels, config["batch_size"], True, config["device"], config["seed"])
+    cached = config["teacher_cache"]
+    train_loader = data.Loader(train_images, train_labels, config["batch_size"], True, config["device"], config["seed"],
+                               views=cached)
     test_loader = data.Loader(*test_set, 500, False, config["device"])
 
     start_epoch, best, wall_before, last = 1, {"accuracy": -1.0, "epoch": 0}, 0.0, None
@@ -529,6 +610,7 @@ def fit(config, out, resume, teacher, datasets, then=""):
         teacher_accuracy = evaluate(teacher, test_loader, config)
         print(f"teacher {config['teacher']} test accuracy {teacher_accuracy:.2f}")
     torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick its fastest kernels once
+    teacher_cache = TeacherCache(teacher, train_loader, config) if cached else None
     torch.compiler.reset()  # drop what an earlier compile in this process (a teacher's run, say) holds
     loss_fn = make_loss_fn(student, teacher, distill, config)
     skips_before = cudagraph_skips()
@@ -540,7 +622,8 @@ def fit(config, out, resume, teacher, datasets, then=""):
         epoch_started = time.time()
         estimate = config["epochs"] - epoch + 1 if epoch == start_epoch else 0  # warn once, after 10 steps
         try:
-            mean_terms, train_accuracy = train_one_epoch(loss_fn, optimizer, train_loader, config, estimate, then)
+            mean_terms, train_accuracy = train_one_epoch(loss_fn, optimizer, train_loader, config, estimate, then,
+                                                         teacher_cache)
         except Exception as error:
             if not (config["compile"] and is_compile_error(error)):
                 raise
