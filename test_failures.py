@@ -61,12 +61,24 @@ def failing_urlopen(kind):
             raise urllib.error.URLError(OSError(-3, "Temporary failure in name resolution"))
         if kind == "http error":
             raise urllib.error.HTTPError(url, 404, "Not Found", {}, io.BytesIO(b""))
+        if kind == "dropped":
+            return DroppedConnection(b"the first bytes of the archive")
         return io.BytesIO(b"an HTML error page, not the archive")  # md5 mismatch
     return urlopen
 
 
+class DroppedConnection(io.BytesIO):
+    """A response that delivers some bytes, then loses the connection."""
+
+    def read(self, *args):
+        if self.tell():
+            raise ConnectionResetError(104, "Connection reset by peer")
+        return super().read(*args)
+
+
 @pytest.mark.parametrize("kind, detail", [("no network", "Temporary failure in name resolution"),
                                           ("http error", "HTTP Error 404: Not Found"),
+                                          ("dropped", "Connection reset by peer"),
                                           ("md5 mismatch", "corrupt (md5")])
 def test_download_failure_says_what_failed_and_the_ways_out(kind, detail, tmp_path, monkeypatch):
     monkeypatch.setattr(data.urllib.request, "urlopen", failing_urlopen(kind))
