@@ -6,6 +6,7 @@ each epoch is augmented in a few batched tensor operations, with exactly the ref
 torchvision's RandomCrop(32, padding=4) (zero padding) and RandomHorizontalFlip(p=0.5), then Normalize.
 """
 import hashlib
+import http.client
 import math
 import os
 import pathlib
@@ -55,8 +56,8 @@ def ways_out(root):
             f"that holds cifar-100-python/.")
 
 
-def md5_of(path):
-    digest = hashlib.md5()
+def digest_of(path, algorithm="md5"):
+    digest = hashlib.new(algorithm)
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
@@ -69,21 +70,25 @@ def fetch_archive(root):
     A file already there is checked, never replaced: it may be the only copy its owner has."""
     archive = root / ARCHIVE_URL.rsplit("/", 1)[-1]
     if archive.exists():
-        if md5_of(archive) != ARCHIVE_MD5:
-            raise DataError(f"{archive} is not the CIFAR-100 archive (md5 {md5_of(archive)}, expected {ARCHIVE_MD5}); "
-                            f"it was left untouched. Remove it to download again. " + ways_out(root))
+        got = digest_of(archive)
+        if got != ARCHIVE_MD5:
+            raise DataError(f"{archive} is not the CIFAR-100 archive (md5 {got}, expected {ARCHIVE_MD5}); it was "
+                            f"left untouched. Remove it to download again. " + ways_out(root))
         return archive
     root.mkdir(parents=True, exist_ok=True)
     partial = archive.with_name(archive.name + ".part")
     try:
         with urllib.request.urlopen(ARCHIVE_URL, timeout=60) as response, open(partial, "wb") as f:
             shutil.copyfileobj(response, f)
-    except OSError as error:  # no network, DNS, HTTP errors (URLError, HTTPError), timeouts, a full disk
+    except BaseException as error:  # a Ctrl-C too: no half-downloaded file stays behind
         partial.unlink(missing_ok=True)
+        if not isinstance(error, (OSError, http.client.HTTPException)):
+            raise
+        # no network, DNS, HTTP errors (URLError, HTTPError), timeouts, a connection cut short, a full disk
         detail = error if isinstance(error, urllib.error.HTTPError) else getattr(error, "reason", error)
         raise DataError(f"could not download CIFAR-100 from {ARCHIVE_URL} ({detail}). " + ways_out(root)) from None
-    if md5_of(partial) != ARCHIVE_MD5:
-        got = md5_of(partial)
+    if digest_of(partial) != ARCHIVE_MD5:
+        got = digest_of(partial)
         partial.unlink()
         raise DataError(f"the file downloaded from {ARCHIVE_URL} is corrupt (md5 {got}, expected {ARCHIVE_MD5}); "
                         f"it was deleted. Try again later. " + ways_out(root))

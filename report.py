@@ -21,13 +21,15 @@ import matplotlib.pyplot as plt
 from matplotlib.ticker import MaxNLocator
 import numpy as np
 
-# Keys of config.json that never split a group: the seed (what a row averages over), where the data lives, and the
-# speed switches, which change at most the order of float32 operations (the device's random streams differ, as
-# another seed's would; teacher_cache, a planned switch, gives bit-identical results). bf16 is not one of them:
+# Keys of config.json that never split a group: the seed (what a row averages over), where the data and the teacher's
+# file live (the teacher is told apart by its file's sha256), and the speed switches, which change at most the order
+# of float32 operations (the device's random streams differ, as another seed's would; --teacher-cache gives
+# bit-identical results). bf16 is not one of them:
 # autocast rounds every activation to 8 bits of mantissa, by an effect on accuracy nobody here has measured, and the
 # paper's numbers are float32, so bf16 and float32 runs stay in separate rows.
 NOT_THE_EXPERIMENT = ("seed", "data_dir", "no_download", "device", "compile", "channels_last", "fused_sgd",
-                      "cuda_graphs", "teacher_cache")
+                      "cuda_graphs", "teacher_cache", "teacher_file")
+TEACHER_IDENTITY = "teacher_sha256"  # train.py records the teacher file's hash; runs before it have only the path
 COLUMNS_OF_THE_TABLE = ("student", "teacher", "method")  # shown in columns of their own, not among the flags
 SMALL_LR_STUDENTS = ("MobileNetV2", "ShuffleV1", "ShuffleV2")  # train.py's lr-0.01 students
 LOSS_STYLES = {"loss_ce": "-", "loss_feat": "--", "loss_kd": ":"}
@@ -132,15 +134,18 @@ def find_runs(runs_dirs):
 
 
 def experiment(config):
-    """The configuration less the keys that do not change the experiment: equal for runs that are seeds of a row."""
-    return tuple(sorted((key, json.dumps(value)) for key, value in config.items() if key not in NOT_THE_EXPERIMENT))
+    """The configuration less the keys that do not change the experiment: equal for runs that are seeds of a row.
+    Where the teacher's hash is known, its checkpoint's path does not matter (one file, two machines)."""
+    ignored = {*NOT_THE_EXPERIMENT, *(["teacher_ckpt"] if config.get(TEACHER_IDENTITY) else [])}
+    return tuple(sorted((key, json.dumps(value)) for key, value in config.items() if key not in ignored))
 
 
 def flags(config):
     """train.py's flags where this configuration departs from the recipe (a key unknown here is always shown)."""
     defaults, shown = recipe_defaults(config), []
     for key, value in config.items():
-        if key in NOT_THE_EXPERIMENT or key in COLUMNS_OF_THE_TABLE or key in defaults and defaults[key] == value:
+        if (key in NOT_THE_EXPERIMENT or key in COLUMNS_OF_THE_TABLE or key == TEACHER_IDENTITY
+                or key in defaults and defaults[key] == value):
             continue
         flag = "--" + key.replace("_", "-")
         if isinstance(value, bool):

@@ -178,37 +178,40 @@ def test_train_py_resume_on_cuda_replays_the_same_run(tmp_path, monkeypatch):
     train.main([*common, "--epochs", "3", "--out", str(tmp_path / "straight")])
     train.main([*common, "--epochs", "2", "--out", str(tmp_path / "resumed")])
     train.main([*common, "--epochs", "3", "--out", str(tmp_path / "resumed"), "--resume"])
-    straight, resumed = (torch.load(tmp_path / name / "last.pt", weights_only=True) for name in ("straight", "resumed"))
+    straight, resumed = (torch.load(tmp_path / run / "last.pt", weights_only=True) for run in ("straight", "resumed"))
     assert straight["epoch"] == resumed["epoch"] == 3
     assert torch.equal(straight["loader"]["generator"], resumed["loader"]["generator"])  # the same data order
-    assert torch.equal(straight["rng_cuda"], resumed["rng_cuda"]) and torch.equal(straight["rng_cpu"], resumed["rng_cpu"])
+    assert torch.equal(straight["rng_cuda"], resumed["rng_cuda"])  # restored: else the resumed run drew once only
     logs = [(tmp_path / name / "log.csv").read_text().splitlines() for name in ("straight", "resumed")]
     assert [row.split(",")[0] for row in logs[0]] == [row.split(",")[0] for row in logs[1]] == ["epoch", "1", "2", "3"]
-    # cuDNN's autotuned kernels and atomics-based backward passes are not bitwise deterministic: allow what one
-    # epoch of training makes of last-bit differences (the measured deviation is printed)
+    # cuDNN's autotuned kernels and atomics-based backward passes are not bitwise deterministic: allow what three
+    # epochs of training make of last-bit differences (a chosen bound, not yet measured: the deviation is printed)
     worst = 0.0
     for part in ("model", "projector"):
         for key, tensor in straight[part].items():
             if tensor.is_floating_point():
-                worst = max(worst, ((tensor - resumed[part][key]).abs().max() / tensor.abs().max().clamp_min(1e-3)).item())
+                scale = tensor.abs().max().clamp_min(1e-3)
+                worst = max(worst, ((tensor - resumed[part][key]).abs().max() / scale).item())
                 torch.testing.assert_close(resumed[part][key], tensor, rtol=2e-2, atol=2e-3, msg=f"{part} {key}")
     print(f"resume vs straight after 3 epochs: largest difference relative to the tensor's largest entry {worst:.2e}")
 
 
 def test_teacher_cache_on_cuda_tracks_the_online_teacher(tmp_path, capsys):
-    """--teacher-cache with the CUDA defaults (bf16 features, compiled step) against the same run without it. Not
-    bitwise: cuDNN picks kernels per batch size; bf16 rounding of a feature differing by one step (2^-8) is the
-    scale of what may differ, so the loss terms stay within 1%."""
+    """--teacher-cache on CUDA (bf16 features, channels_last; uncompiled, to spare two cold compilations) against
+    the same run without it. Not bitwise: cuDNN picks kernels per batch size, and a feature whose bf16 rounding
+    differs by one step (2^-8) is the scale of what may differ, so the loss terms stay within 1%."""
     torch.manual_seed(0)
     torch.save(models.build_model("resnet8").state_dict(), tmp_path / "teacher.pt")
     logs = {}
     for cache in (False, True):
         argv = ["--teacher", "resnet8", "--teacher-ckpt", str(tmp_path / "teacher.pt"), "--student", "resnet8",
-                "--kd-weight", "0.5", "--epochs", "2", "--device", DEVICE, *(["--teacher-cache"] if cache else [])]
+                "--kd-weight", "0.5", "--epochs", "2", "--device", DEVICE, "--no-compile",
+                *(["--teacher-cache"] if cache else [])]
         datasets = (data.fake_cifar100(200, seed=0), data.fake_cifar100(100, seed=1))
         train.run(train.resolve_config(train.parse_args(argv)), tmp_path / str(cache), datasets=datasets)
         rows = (tmp_path / str(cache) / "log.csv").read_text().splitlines()[1:]
         logs[cache] = torch.tensor([[float(v) for v in row.split(",")[2:6]] for row in rows])  # ce, feat, kd, total
     assert "teacher cache filled: 32,400 views" in capsys.readouterr().out
-    print(f"teacher cache vs online teacher, 2 epochs: max |loss difference| {(logs[True] - logs[False]).abs().max():.2e}")
+    print(f"teacher cache vs online teacher, 2 epochs: max |loss difference| "
+          f"{(logs[True] - logs[False]).abs().max():.2e}")
     torch.testing.assert_close(logs[True], logs[False], rtol=1e-2, atol=1e-3)

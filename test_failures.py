@@ -4,6 +4,7 @@ Also a run folder's reliability: one process at a time, a clean Ctrl-C, a read-o
 """
 import hashlib
 import io
+import json
 import os
 import pickle
 import shutil
@@ -19,6 +20,7 @@ import torch
 import data
 import models
 import train
+from test_data import RunsAShellCommand  # a pickle that runs a shell command when loaded
 
 PROJECT = Path(__file__).resolve().parent
 TINY = ["--student", "resnet8", "--dataset", "fake", "--device", "cpu"]
@@ -163,14 +165,6 @@ def test_bad_cifar_file_stops_train_py_and_odd_sizes_are_noted(tmp_path, capsys)
 
 # --- --resume with a damaged checkpoint or different flags ----------------------------------------------------------
 
-class RunsAShellCommand:
-    def __init__(self, command):
-        self.command = command
-
-    def __reduce__(self):
-        return os.system, (self.command,)
-
-
 def damage(folder, kind):
     last = folder / "last.pt"
     if kind == "truncated":
@@ -210,16 +204,40 @@ def test_resume_refuses_flags_that_differ_from_the_run(flags, recorded, run_copy
     argv = [*TINY, "--resume", "--out", str(run_copy), *flags]  # the last --student counts
     before = snapshot(run_copy)
     message = exit_message(argv)
-    assert f"was run with {recorded};" in message and "only --epochs may extend it" in message
+    assert f"was run with {recorded};" in message and "only --epochs may change its length" in message
     assert snapshot(run_copy) == before
 
 
-def test_resume_may_extend_the_run_and_change_speed_switches_but_not_shorten_it(run_copy):
+def test_resume_may_extend_the_run_and_change_speed_switches_but_not_undo_epochs(run_copy, capsys):
     summary = train.main([*TINY, "--resume", "--out", str(run_copy), "--epochs", "2", "--no-compile",
                           "--data-dir", "elsewhere", "--lr", "0.05"])  # --lr as recorded is no change
     assert summary["last_epoch"] == 2
     message = exit_message([*TINY, "--resume", "--out", str(run_copy), "--epochs", "1"])
-    assert "has completed 2 epochs; --epochs 1 would shorten it" in message
+    assert "has completed 2 epochs; --epochs 1 would end it before them" in message
+    train.main([*TINY, "--resume", "--out", str(run_copy)])
+    assert "has completed its 2 epochs: nothing to train" in capsys.readouterr().out
+
+
+def test_relative_teacher_checkpoint_is_recorded_whole_and_resumes_from_anywhere(finished_run, tmp_path,
+                                                                                 monkeypatch):
+    monkeypatch.chdir(finished_run.parent)
+    argv = ["--teacher", "resnet8", "--teacher-ckpt", "run/last.pt", *TINY, "--epochs", "1"]
+    train.main([*argv, "--out", str(tmp_path / "student")])
+    assert json.loads((tmp_path / "student" / "config.json").read_text())["teacher_ckpt"] == str(finished_run / "last.pt")
+    monkeypatch.chdir(tmp_path)  # elsewhere: the same file by its whole path is no change
+    argv[3] = str(finished_run / "last.pt")
+    assert train.main([*argv, "--epochs", "2", "--out", "student", "--resume"])["last_epoch"] == 2
+
+
+@pytest.mark.parametrize("device, says", [("gpu", "is not a device name torch knows"),
+                                          ("mps", "this project trains on cpu or cuda"),
+                                          ("cuda", "sees no CUDA device here"),
+                                          ("cuda:1", "sees no CUDA device here")])
+def test_a_device_this_machine_lacks_is_refused_before_anything_is_made(device, says, tmp_path):
+    if torch.cuda.is_available() and device.startswith("cuda"):
+        pytest.skip("this machine has CUDA")
+    message = exit_message([*TINY, "--device", device, "--out", str(tmp_path / "run")])
+    assert says in message and not (tmp_path / "run").exists()
 
 
 # --- torch.compile failing ----------------------------------------------------------------------------------------

@@ -1,13 +1,13 @@
 """models.py against the benchmark zoo's published facts (RepDistiller's models, as CRD released them) and independent
 re-computations."""
 import functools
-import os
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from models import MODEL_NAMES, build_model, load_weights
+from test_data import RunsAShellCommand  # a pickle that runs a shell command when loaded
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -271,14 +271,6 @@ def test_missing_or_corrupt_files_fail_clearly(tmp_path):
     for file in ("list.pth", "no_model.pth"):
         with pytest.raises(ValueError, match="holds no model weights"):
             load_weights(build_model("resnet8"), tmp_path / file)
-
-
-class RunsAShellCommand:
-    def __init__(self, command):
-        self.command = command
-
-    def __reduce__(self):
-        return os.system, (self.command,)
 
 
 def test_checkpoint_that_would_run_code_is_refused_without_the_unsafe_advice(tmp_path):

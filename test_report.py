@@ -239,6 +239,18 @@ def test_defaults_are_train_pys(argv):
     assert report.setting(config) == ""
 
 
+def test_the_teacher_is_told_apart_by_its_file_not_its_path(clean):
+    recorded = json.loads((clean[0] / "kd/seed0/config.json").read_text())  # as train.py wrote it
+    assert set(recorded) <= {*report.recipe_defaults(recorded), *report.COLUMNS_OF_THE_TABLE,
+                             *report.NOT_THE_EXPERIMENT, report.TEACHER_IDENTITY}
+    assert "sha256" not in report.setting(recorded) and "teacher-file" not in report.setting(recorded)
+    moved = dict(recorded, teacher_ckpt="/another/machine/last.pt", teacher_file="/another/machine/last.pt")
+    assert report.experiment(moved) == report.experiment(recorded)
+    assert report.experiment(dict(recorded, teacher_sha256="0" * 64)) != report.experiment(recorded)
+    older = {key: value for key, value in recorded.items() if key not in ("teacher_file", "teacher_sha256")}
+    assert report.experiment(dict(older, teacher_ckpt="/elsewhere.pt")) != report.experiment(older)  # path alone
+
+
 def test_readme_commands_make_one_row_per_pair_and_method(tmp_path):
     """The README's "Reproducing the table" commands, as configurations (no training): four rows of three seeds."""
     readme = (Path(__file__).parent / "README.md").read_text()

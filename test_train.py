@@ -71,14 +71,43 @@ def test_teacher_is_trained_first_when_absent(tmp_path, monkeypatch, capsys):
     summary = train.main(["--teacher", "resnet8", "--student", "resnet8", *TINY[:2], "--epochs", "1",
                           "--device", "cpu"])
     out = capsys.readouterr().out
+    assert "data: synthetic (--dataset fake), 2,000 training and 500 test images" in out
     plan = out.index("the job, in two parts")  # said up front, before the first epoch of either part
     assert plan < out.index("epoch   1/1")
-    assert "1. train resnet8 alone for 1 epochs into runs/fake/resnet8; 2. distil resnet8 from it" in out
+    assert "1. train resnet8 alone, 1 epochs, in runs/fake/resnet8; 2. distil resnet8 from it" in out
     assert "the 1-epoch distillation of resnet8 follows" in out  # the CPU estimate names what comes next
     assert (tmp_path / "runs/fake/resnet8/summary.json").exists()
     assert (tmp_path / "runs/fake/resnet8-resnet8-srd-seed0/summary.json").exists()
     teacher_summary = json.loads((tmp_path / "runs/fake/resnet8/summary.json").read_text())
     assert summary["teacher_accuracy"] == pytest.approx(teacher_summary["last_accuracy"])
+
+
+def test_unfinished_teacher_is_finished_as_recorded_and_the_student_keeps_its_teacher(tmp_path, monkeypatch, capsys):
+    """A job whose teacher run was interrupted finishes it with its own recorded recipe (not the job's), and a resumed
+    distillation uses exactly the teacher file it started with (by sha256), however runs/<teacher> changes since."""
+    monkeypatch.chdir(tmp_path)
+    teacher = Path("runs/fake/resnet8")
+    train.main(["--student", "resnet8", *TINY[:2], "--epochs", "1", "--lr", "0.1", "--device", "cpu"])
+    (teacher / "summary.json").unlink()  # as if stopped after epoch 1 of 2
+    recorded = json.loads((teacher / "config.json").read_text())
+    (teacher / "config.json").write_text(json.dumps(dict(recorded, epochs=2)))
+    job = ["--teacher", "resnet8", "--student", "resnet8", *TINY[:2], "--device", "cpu"]
+    train.main([*job, "--epochs", "1"])
+    assert "1. finish training resnet8 alone, 2 epochs, in runs/fake/resnet8" in capsys.readouterr().out
+    assert [float(r["lr"]) for r in read_log(teacher)] == [0.1, 0.1]  # the teacher's own lr, not the job's 0.05
+    assert json.loads((teacher / "config.json").read_text())["lr"] == 0.1
+    student = Path("runs/fake/resnet8-resnet8-srd-seed0")
+    saved = json.loads((student / "config.json").read_text())
+    assert saved["teacher_file"] == str((teacher / "last.pt").resolve())
+    assert saved["teacher_sha256"] == data.digest_of(teacher / "last.pt", "sha256")
+
+    summary = train.main([*job, "--epochs", "2", "--resume"])  # extends: the 2-epoch teacher is the recorded one
+    assert summary["last_epoch"] == 2
+    train.main(["--student", "resnet8", *TINY[:2], "--epochs", "3", "--device", "cpu", "--resume"])  # teacher moves on
+    with pytest.raises(SystemExit) as exit_info:
+        train.main([*job, "--epochs", "3", "--resume"])
+    assert "distils from the teacher in" in str(exit_info.value.code)
+    assert "which is no longer that file" in str(exit_info.value.code)
 
 
 def test_resume_equals_uninterrupted_run(teacher_checkpoint, tmp_path):
@@ -166,6 +195,7 @@ def test_non_finite_loss_stops_with_the_epoch(tmp_path):
     with pytest.raises(SystemExit) as exit_info:
         train.main(["--student", "resnet8", *TINY, "--lr", "1e6", "--out", str(tmp_path / "run")])
     assert "non-finite loss in epoch 1" in str(exit_info.value.code)
+    assert "it was the first epoch, so no checkpoint was written" in str(exit_info.value.code)
     assert not (tmp_path / "run" / "last.pt").exists()
 
 

@@ -13,6 +13,7 @@ import csv
 import json
 import math
 import os
+import shlex
 import signal
 import socket
 import sys
@@ -40,7 +41,7 @@ LOG_COLUMNS = ("epoch", "lr", "loss_ce", "loss_feat", "loss_kd", "loss_total", "
                "epoch_time_s", "images_per_s")
 FAKE_SIZES = {"fake": (2000, 500),  # train, test images: seconds per epoch on a CPU
               "fake-full": (50_000, 10_000)}  # CIFAR-100's sizes: epoch times as real data would give
-# flags a resumed run may change: --epochs extends it, the rest decide where and how fast it runs, not what it
+# flags a resumed run may change: --epochs moves its end, the rest decide where and how fast it runs, not what it
 # computes (--device has its own check: random streams differ between devices)
 RESUME_MAY_CHANGE = ("epochs", "data_dir", "no_download", "device", "compile", "channels_last", "fused_sgd",
                      "cuda_graphs", "teacher_cache")
@@ -81,7 +82,8 @@ def parse_args(argv=None):
     p.add_argument("--norm", choices=losses.NORMS, default="bn", help="normalisation of both features")
     p.add_argument("--distance", choices=losses.DISTANCES, default="logsum", help="distance between them")
     p.add_argument("--alpha", type=finite_float, default=4.0, help="exponent of the logsum / pow distance")
-    p.add_argument("--epochs", type=int, help="epochs (default 240; with --resume: extend the run to this many)")
+    p.add_argument("--epochs", type=int, help="epochs (default 240; with --resume: where the run ends, not before "
+                   "its last complete epoch)")
     p.add_argument("--milestones", type=int, nargs="*", default=[150, 180, 210], help="epochs where lr drops x0.1")
     p.add_argument("--batch-size", type=int, default=64, help="training batch size")
     p.add_argument("--lr", type=finite_float, help="initial lr (default 0.05, 0.01 for MobileNetV2/ShuffleV1/ShuffleV2)")
@@ -136,8 +138,25 @@ def default_lr(student):
     return 0.01 if student in SMALL_LR_STUDENTS else 0.05
 
 
+def check_device(device):
+    """Refuse a --device this machine does not have, before anything is loaded."""
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        sys.exit(f"error: --device {device!r} is not a device name torch knows: use cpu, cuda, or cuda:N")
+    if parsed.type not in ("cpu", "cuda"):
+        sys.exit(f"error: --device {device}: this project trains on cpu or cuda")
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        sys.exit(f"error: --device {device}, but torch {torch.__version__} sees no CUDA device here: drop --device to "
+                 f"train on the CPU, or install a CUDA build of torch on a machine with an NVIDIA GPU")
+    if parsed.type == "cuda" and (parsed.index or 0) >= torch.cuda.device_count():
+        sys.exit(f"error: --device {device}, but this machine has {torch.cuda.device_count()} CUDA device(s)")
+
+
 def resolve_config(args):
     """Everything a run depends on, as saved in config.json (the defaults are the paper's recipe)."""
+    if args.device:
+        check_device(args.device)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     on_cuda = device.startswith("cuda")
     kd = args.method == "kd"
@@ -149,6 +168,7 @@ def resolve_config(args):
         kd_weight=args.kd_weight if args.kd_weight is not None else (0.9 if kd else 0.0),
         feat_weight=args.feat_weight if args.method == "srd" else 0.0,
         device=device,
+        teacher_ckpt=str(Path(args.teacher_ckpt).resolve()) if args.teacher_ckpt else None,  # resumable from anywhere
         bf16=on_cuda if args.bf16 is None else args.bf16,
         channels_last=on_cuda if args.channels_last is None else args.channels_last,
         compile=on_cuda if args.compile is None else args.compile,
@@ -162,7 +182,8 @@ def resolve_config(args):
 def teacher_training_config(config):
     """The same recipe and data, with the teacher trained alone on cross-entropy."""
     return dict(config, student=config["teacher"], teacher=None, teacher_ckpt=None, method="none",
-                lr=default_lr(config["teacher"]), ce_weight=1.0, kd_weight=0.0, feat_weight=0.0, teacher_cache=False)
+                lr=default_lr(config["teacher"]), ce_weight=1.0, kd_weight=0.0, feat_weight=0.0, teacher_cache=False,
+                teacher_file=None, teacher_sha256=None)
 
 
 def default_run_folder(config):
@@ -334,21 +355,27 @@ class TeacherCache:
         free = free_memory(config["device"])
         print(f"teacher cache: {num_images:,} images x {data.NUM_VIEWS} views x {teacher.feature_dim} features x "
               f"{itemsize} B = {needed / 2 ** 30:.2f} GiB on {config['device']}")
-        if needed + CACHE_HEADROOM > free:
+        if free is None:
+            print("warning: this platform does not say how much memory is free: the cache's size is not checked")
+        elif needed + CACHE_HEADROOM > free:
             sys.exit(f"error: the teacher cache needs {needed / 2 ** 30:.2f} GiB and {config['device']} has "
                      f"{free / 2 ** 30:.2f} GiB free, less the {CACHE_HEADROOM / 2 ** 30:.0f} GiB kept for "
                      f"training: run without --teacher-cache (the same training, with the teacher run each step)")
 
 
 def free_memory(device):
-    """Bytes free on a CUDA device, or available RAM (Linux's MemAvailable, else free pages) for the CPU."""
+    """Bytes free on a CUDA device, or available RAM for the CPU (Linux's MemAvailable, else free pages; None where
+    the platform does not say)."""
     if device.startswith("cuda"):
         return torch.cuda.mem_get_info(torch.device(device))[0]
     try:
         with open("/proc/meminfo") as f:
             return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
     except (OSError, StopIteration):
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        try:
+            return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (AttributeError, ValueError, OSError):  # Windows has no sysconf, macOS not this name
+            return None
 
 
 def cudagraph_skips():
@@ -365,10 +392,11 @@ def is_compile_error(error):
 
 
 def save_atomically(obj, path):
-    """Write to a temporary file, then rename: a kill at any moment leaves the previous file intact."""
+    """Write (torch.save, or as text a str) to a temporary file, then rename: a kill at any moment leaves the
+    previous file intact."""
     tmp = Path(str(path) + ".tmp")
     try:
-        torch.save(obj, tmp)
+        tmp.write_text(obj) if isinstance(obj, str) else torch.save(obj, tmp)
     except BaseException:  # a full disk, a Ctrl-C: leave no half-written .tmp behind
         tmp.unlink(missing_ok=True)
         raise
@@ -443,9 +471,17 @@ def build_student(config, teacher=None):
 
 
 def provide_teacher(config, datasets=None):
-    """--teacher-ckpt, else the checkpoint an earlier run of this project left in runs/<teacher>, else train one."""
+    """The frozen teacher: the file a resumed run recorded, else --teacher-ckpt, else the checkpoint an earlier run
+    of this project left in runs/<teacher>, else one trained now. Records which file, by path and sha256, in config
+    (hence config.json): a resumed run distils from exactly that teacher or refuses."""
     path = config["teacher_ckpt"]
-    if path is None:
+    if config.get("teacher_sha256"):
+        path = Path(config["teacher_file"])
+        if not path.is_file() or data.digest_of(path, "sha256") != config["teacher_sha256"]:
+            sys.exit(f"error: this run distils from the teacher in {path} (sha256 {config['teacher_sha256'][:16]}...), "
+                     f"which is {'no longer that file' if path.is_file() else 'gone'}: resuming from another teacher "
+                     f"would change the experiment. Put that file back, or start a new run")
+    elif path is None:
         teacher_config = teacher_training_config(config)
         folder = default_run_folder(teacher_config)
         path = folder / "last.pt"
@@ -455,10 +491,15 @@ def provide_teacher(config, datasets=None):
                 sys.exit(f"error: {folder} holds a teacher trained for {trained} epochs, fewer than this run's "
                          f"{config['epochs']}: pass --teacher-ckpt, or move that folder away to train a new one")
         else:
-            print(f"the job, in two parts (no checkpoint of teacher {config['teacher']} was found; --teacher-ckpt "
-                  f"uses a published one): 1. train {config['teacher']} alone for {config['epochs']} epochs into "
-                  f"{folder}; 2. distil {config['student']} from it for {config['epochs']} epochs")
-            run(teacher_config, folder, resume=path.exists(), datasets=datasets,
+            unfinished = path.exists()
+            if unfinished and (folder / "config.json").exists():  # finish it as it was started, to this job's length
+                teacher_config = resumed_config(teacher_config, folder, given=set())
+                teacher_config["epochs"] = max(teacher_config["epochs"], config["epochs"])
+            print(f"the job, in two parts (no finished teacher {config['teacher']} was found; --teacher-ckpt uses a "
+                  f"published one): 1. {'finish training' if unfinished else 'train'} {config['teacher']} alone, "
+                  f"{teacher_config['epochs']} epochs, in {folder}; 2. distil {config['student']} from it for "
+                  f"{config['epochs']} epochs")
+            run(teacher_config, folder, resume=unfinished, datasets=datasets,
                 then=f"the {config['epochs']}-epoch distillation of {config['student']}")
     teacher = build_on_device(config["teacher"], config)
     try:
@@ -466,6 +507,7 @@ def provide_teacher(config, datasets=None):
     except (ValueError, FileNotFoundError) as error:
         sys.exit(f"error: teacher checkpoint {path}: {error}")
     print(f"teacher {config['teacher']} from {path}")
+    config.update(teacher_file=str(Path(path).resolve()), teacher_sha256=data.digest_of(path, "sha256"))
     return teacher.eval().requires_grad_(False)
 
 
@@ -553,17 +595,18 @@ def run(config, out, resume=False, datasets=None, then=""):
         try:
             return fit(config, out, resume, teacher, datasets, then)
         except KeyboardInterrupt:
-            print(interrupted(out, config), file=sys.stderr)
+            print(interrupted(out, config, then), file=sys.stderr)
             raise SystemExit(130) from None  # 128 + SIGINT, as shells report it
 
 
-def interrupted(out, config):
+def interrupted(out, config, then=""):
     try:
         epoch = models.read_checkpoint(out / "last.pt")["epoch"]
     except (OSError, ValueError, KeyError, TypeError):
         return f"interrupted in the first epoch: no epoch completed, so {out} has nothing to resume; start again"
+    job = f"; or run the command that started this job again: it resumes this run, then {then} follows" if then else ""
     return (f"interrupted: epoch {epoch} is the last complete one ({out / 'last.pt'}); continue with\n"
-            f"  python train.py --student {config['student']} --out {out} --resume")
+            f"  python train.py --student {config['student']} --out {shlex.quote(str(out))} --resume{job}")
 
 
 def restore(checkpoint, student, distill, optimizer, train_loader):
@@ -590,8 +633,8 @@ def fit(config, out, resume, teacher, datasets, then=""):
     if resume:
         last = read_run_checkpoint(out, config)
         if last["epoch"] > config["epochs"]:
-            sys.exit(f"error: {out} has completed {last['epoch']} epochs; --epochs {config['epochs']} would shorten "
-                     f"it: a run can only be extended")
+            sys.exit(f"error: {out} has completed {last['epoch']} epochs; --epochs {config['epochs']} would end it "
+                     f"before them")
         try:
             restore(last, student, distill, optimizer, train_loader)
         except (KeyError, RuntimeError, ValueError, TypeError) as error:
@@ -600,10 +643,11 @@ def fit(config, out, resume, teacher, datasets, then=""):
         start_epoch, best, wall_before = last["epoch"] + 1, last["best"], last["wall_time_s"]
         rows = list(csv.DictReader(open(out / "log.csv")))  # drop rows logged after the checkpoint, if any
         write_log(out, [r for r in rows if int(r["epoch"]) < start_epoch], mode="w")
-        print(f"resuming {out} at epoch {start_epoch}")
+        print(f"resuming {out} at epoch {start_epoch}" if start_epoch <= config["epochs"] else
+              f"{out} has completed its {config['epochs']} epochs: nothing to train (give --epochs to extend it)")
     else:
         write_log(out, [], mode="w")
-    (out / "config.json").write_text(json.dumps(config, indent=2))
+    save_atomically(json.dumps(config, indent=2), out / "config.json")
 
     teacher_accuracy = None
     if teacher is not None:
@@ -665,7 +709,7 @@ def fit(config, out, resume, teacher, datasets, then=""):
                "last_accuracy": last["accuracy"], "last_epoch": last["epoch"],
                "best_accuracy": best["accuracy"], "best_epoch": best["epoch"],
                "teacher_accuracy": teacher_accuracy, "wall_time_s": last["wall_time_s"]}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    save_atomically(json.dumps(summary, indent=2), out / "summary.json")
     print(f"done: {config['student']} test accuracy {summary['last_accuracy']:.2f}% at the last epoch "
           f"({summary['last_epoch']}), best {summary['best_accuracy']:.2f}% at epoch {summary['best_epoch']}; "
           f"results in {out}")
@@ -689,28 +733,30 @@ def write_log(out, rows, mode="a"):
         os.replace(path, out / "log.csv")
 
 
-def resumed_config(config, args, out):
-    """The recorded configuration of the run in `out`, refusing flags that would change what it computes."""
+def resumed_config(config, out, given):
+    """The configuration recorded in out/config.json, with the flags in `given` (those on the command line) that
+    may change (RESUME_MAY_CHANGE); any other given flag that differs from the record is refused by name."""
     try:
         saved = json.loads((out / "config.json").read_text())
     except (OSError, ValueError) as error:
         sys.exit(f"error: cannot resume: {out / 'config.json'} is unreadable ({error}); nothing was changed")
-    differing = [key for key in sorted(args.given - {"resume", "out", *RESUME_MAY_CHANGE})
+    differing = [key for key in sorted(given - {"resume", "out", *RESUME_MAY_CHANGE})
                  if config.get(key) != saved.get(key)]
     if differing:
         sys.exit(f"error: {out} was run with " + ", ".join(f"{flag(k)} {saved.get(k)}" for k in differing)
                  + "; this command asks for " + ", ".join(f"{flag(k)} {config.get(k)}" for k in differing)
-                 + ". A resumed run keeps its recorded configuration, and only --epochs may extend it: drop those "
-                   "flags to continue it, or give another --out to start a new run")
-    if args.device and args.device != saved["device"]:
+                 + ". A resumed run keeps its recorded configuration, and only --epochs may change its length: "
+                   "drop those flags to continue it, or give another --out to start a new run")
+    if "device" in given and torch.device(config["device"]).type != torch.device(saved["device"]).type:
         sys.exit(f"error: {out} ran on {saved['device']}; it can only resume there")
     if saved["device"].startswith("cuda") and not torch.cuda.is_available():
         sys.exit(f"error: {out} ran on {saved['device']}, and this machine has no CUDA device to resume it on")
-    # keys newer than the run take today's values (an older config.json lacks them); the speed switches and the
-    # data's place may change, and --epochs extends the run
-    changed = {key: config[key] for key in args.given & set(RESUME_MAY_CHANGE)}
-    config = {**config, **saved, **changed, "epochs": args.epochs or saved["epochs"]}
-    config["cuda_graphs"] = config["cuda_graphs"] and config["compile"]  # graphs replay the compiled step
+    # keys newer than the run take today's values (an older config.json lacks them)
+    config = {**config, **saved, **{key: config[key] for key in given & set(RESUME_MAY_CHANGE)}}
+    if config["cuda_graphs"] and not config["compile"]:  # graphs replay the compiled step
+        if "cuda_graphs" in given:
+            sys.exit("error: --cuda-graphs needs --compile (it replays the compiled step)")
+        config["cuda_graphs"] = False
     return config
 
 
@@ -719,7 +765,7 @@ def main(argv=None):
     config = resolve_config(args)
     out = Path(args.out) if args.out else default_run_folder(config)
     if args.resume and (out / "config.json").exists():
-        config = resumed_config(config, args, out)
+        config = resumed_config(config, out, args.given)
     if config["teacher_ckpt"]:  # fail fast, before any data is downloaded or a run folder is made
         try:
             models.load_weights(models.build_model(config["teacher"]), config["teacher_ckpt"])
