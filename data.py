@@ -87,8 +87,8 @@ def fetch_archive(root):
         # no network, DNS, HTTP errors (URLError, HTTPError), timeouts, a connection cut short, a full disk
         detail = error if isinstance(error, urllib.error.HTTPError) else getattr(error, "reason", error)
         raise DataError(f"could not download CIFAR-100 from {ARCHIVE_URL} ({detail}). " + ways_out(root)) from None
-    if digest_of(partial) != ARCHIVE_MD5:
-        got = digest_of(partial)
+    got = digest_of(partial)
+    if got != ARCHIVE_MD5:
         partial.unlink()
         raise DataError(f"the file downloaded from {ARCHIVE_URL} is corrupt (md5 {got}, expected {ARCHIVE_MD5}); "
                         f"it was deleted. Try again later. " + ways_out(root))
