@@ -5,6 +5,8 @@ GPU that pipeline, not the network, sets the pace. Here the 150 MB of uint8 pixe
 each epoch is augmented in a few batched tensor operations, with exactly the reference semantics:
 torchvision's RandomCrop(32, padding=4) (zero padding) and RandomHorizontalFlip(p=0.5), then Normalize.
 """
+import codecs
+import contextlib
 import hashlib
 import http.client
 import math
@@ -27,6 +29,9 @@ PAD = 4  # RandomCrop(32, padding=4): a 40x40 zero-padded image, 9 x 9 crop posi
 SIDE = 2 * PAD + 1  # crop positions per axis
 NUM_VIEWS = 2 * SIDE * SIDE  # 162 distinct training views of an image: 9 x 9 crops, flipped or not
 AUGMENT_CHUNK = 4096  # images augmented per gather
+DATASETS = ("cifar100", "fake", "fake-full")
+FAKE_SIZES = {"fake": (2000, 500),  # train, test images: seconds per epoch on a CPU
+              "fake-full": (50_000, 10_000)}  # CIFAR-100's sizes: epoch times as real data would give
 
 
 class _ArraysOnly(pickle.Unpickler):
@@ -35,7 +40,8 @@ class _ArraysOnly(pickle.Unpickler):
     A pickle can name any importable callable (os.system, say) and have it called while loading; refusing every
     global but the three numpy needs to rebuild an array means a tampered file fails here instead of running code."""
     ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-               ("numpy", "ndarray"), ("numpy", "dtype")}
+               ("numpy", "ndarray"), ("numpy", "dtype"),
+               ("_codecs", "encode")}  # how protocol 2 stores bytes (a pickle re-saved by Python 2's pickle.dump)
 
     def find_class(self, module, name):
         if (module, name) not in self.ALLOWED:
@@ -43,7 +49,7 @@ class _ArraysOnly(pickle.Unpickler):
                                          f"arrays and builtins, so this file is not one (or has been tampered with)")
         if name == "_reconstruct":  # numpy 2 moved it from numpy.core to numpy._core: ask numpy where it lives now
             return np.zeros(0).__reduce__()[0]
-        return getattr(np, name)
+        return codecs.encode if module == "_codecs" else getattr(np, name)
 
 
 class DataError(ValueError):
@@ -67,7 +73,8 @@ def digest_of(path, algorithm="md5"):
 def fetch_archive(root):
     """root/cifar-100-python.tar.gz, downloaded (to a .part file, renamed once its md5 is right) unless present.
 
-    A file already there is checked, never replaced: it may be the only copy its owner has."""
+    A file already there is checked, never replaced: it may be the only copy its owner has. Folders made for the
+    download are removed again when it fails: a mistyped --data-dir leaves nothing behind."""
     archive = root / ARCHIVE_URL.rsplit("/", 1)[-1]
     if archive.exists():
         got = digest_of(archive)
@@ -75,13 +82,19 @@ def fetch_archive(root):
             raise DataError(f"{archive} is not the CIFAR-100 archive (md5 {got}, expected {ARCHIVE_MD5}); it was "
                             f"left untouched. Remove it to download again. " + ways_out(root))
         return archive
-    root.mkdir(parents=True, exist_ok=True)
+    made = [folder for folder in (root, *root.parents) if not folder.exists()]
     partial = archive.with_name(archive.name + ".part")
     try:
+        root.mkdir(parents=True, exist_ok=True)
         with urllib.request.urlopen(ARCHIVE_URL, timeout=60) as response, open(partial, "wb") as f:
             shutil.copyfileobj(response, f)
-    except BaseException as error:  # a Ctrl-C too: no half-downloaded file stays behind
+    except BaseException as error:  # a Ctrl-C too: no half-downloaded file or new empty folder stays behind
         partial.unlink(missing_ok=True)
+        for folder in made:
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        if isinstance(error, OSError) and not root.exists():
+            raise DataError(f"cannot create --data-dir {root} ({error.strerror or error}). " + ways_out(root)) from None
         if not isinstance(error, (OSError, http.client.HTTPException)):
             raise
         # no network, DNS, HTTP errors (URLError, HTTPError), timeouts, a connection cut short, a full disk
@@ -101,6 +114,10 @@ def load_cifar100(root, train, download=False):
 
     The pickle is checked before it is trusted: N x 3072 uint8 pixels, N labels in 0..99 (DataError otherwise)."""
     root = pathlib.Path(root)
+    if root.exists() and not root.is_dir():
+        raise DataError(f"--data-dir {root} is a file, not a folder: point it at the folder holding cifar-100-python/")
+    if (root / "train").is_file() and not (root / "cifar-100-python").exists():  # the unpacked folder itself
+        root = root.parent
     path = root / "cifar-100-python" / ("train" if train else "test")
     if not path.exists() and download:
         with tarfile.open(fetch_archive(root)) as archive:
@@ -121,6 +138,57 @@ def load_cifar100(root, train, download=False):
     return torch.from_numpy(pixels).reshape(-1, 3, 32, 32), torch.from_numpy(labels)
 
 
+def add_flags(parser, count):
+    """--dataset, --train-subset, --data-dir, --no-download (count: the argparse type of a positive integer)."""
+    parser.add_argument("--dataset", choices=DATASETS, default="cifar100", help="fake: a small learnable synthetic "
+                        "set, for offline smoke runs; fake-full: the same at CIFAR-100's size, for timing runs")
+    parser.add_argument("--train-subset", type=count, metavar="N", help="train on a fixed class-balanced subset of "
+                        "N training images (a multiple of 100; the same for every seed); the test set stays whole")
+    parser.add_argument("--data-dir", default="data", help="folder holding (or receiving) cifar-100-python/")
+    parser.add_argument("--no-download", action="store_true", help="fail instead of downloading CIFAR-100")
+
+
+def load_datasets(dataset, root, download=True, train_subset=None):
+    """((train images, labels), (test images, labels)) of `dataset` (DATASETS) as uint8 / int64 CPU tensors, with a
+    line saying what came: CIFAR-100 from root/cifar-100-python, or the synthetic sets of fake_cifar100. With
+    train_subset, the training images are class_balanced_subset's; the test set stays whole."""
+    if dataset in FAKE_SIZES:
+        train_size, test_size = FAKE_SIZES[dataset]
+        (images, labels), test_set = fake_cifar100(train_size, seed=0), fake_cifar100(test_size, seed=1)
+        source = f"synthetic (--dataset {dataset})"
+    else:
+        (images, labels), test_set = (load_cifar100(root, train, download) for train in (True, False))
+        source = f"CIFAR-100 from {pathlib.Path(root)}"
+    subset = ""
+    if train_subset:
+        keep = class_balanced_subset(labels, train_subset)
+        images, labels, subset = images[keep], labels[keep], f" (--train-subset: a fixed, class-balanced subset of " \
+                                                              f"the {len(labels):,})"
+    print(f"data: {source}, {len(labels):,} training images{subset} and {len(test_set[1]):,} test images")
+    return (images, labels), test_set
+
+
+def class_balanced_subset(labels, size, num_classes=100):
+    """Indices of the first size / num_classes images of each class, in the data's own order: the same images for
+    every seed and method, so that runs on a subset compare. DataError where the data cannot supply them."""
+    per_class = size // num_classes
+    counts = torch.bincount(labels, minlength=num_classes)
+    if size > len(labels) or counts.min() < per_class:
+        raise DataError(f"--train-subset {size} asks {per_class} images of each of the {num_classes} classes, and "
+                        f"the {len(labels):,} training images hold {counts.min().item()} of the rarest class: choose "
+                        f"at most {counts.min().item() * num_classes}")
+    rank = torch.empty_like(labels)  # each image's position among the images of its class
+    for label in range(num_classes):
+        members = (labels == label).nonzero().flatten()
+        rank[members] = torch.arange(len(members))
+    return (rank < per_class).nonzero().flatten()
+
+
+def train_size(dataset, train_subset=None):
+    """How many training images a run of `dataset` (and --train-subset) trains on, known before anything loads."""
+    return train_subset or FAKE_SIZES.get(dataset, (50_000,))[0]
+
+
 def _checked_arrays(batch, path):
     """(pixels N x 3072 uint8, labels N int64) from an unpickled CIFAR-100 dict, or a DataError naming the problem."""
     def bad(problem):
@@ -133,7 +201,11 @@ def _checked_arrays(batch, path):
         raise bad(f"b'data' should be an N x 3072 array, got {getattr(pixels, 'shape', type(pixels).__name__)}")
     if pixels.dtype != np.uint8:  # casting floats in [0, 1] or ints above 255 would give black or wrapped images
         raise bad(f"pixels should be uint8 (0..255), got {pixels.dtype}")
-    if labels.ndim != 1 or len(labels) != len(pixels):
+    if len(pixels) == 0:
+        raise bad("it holds no images")
+    if labels.ndim != 1:
+        raise bad(f"b'fine_labels' should be a flat list of integers, got an array of shape {labels.shape}")
+    if len(labels) != len(pixels):
         raise bad(f"{len(pixels):,} images but {labels.size:,} labels")
     if labels.dtype.kind not in "iu":
         raise bad(f"labels should be integers in 0..99, got {labels.dtype}")

@@ -110,6 +110,12 @@ class FeatureDistillation(nn.Module):
         self.student_norm = build_norm(norm, teacher_dim)
         self.teacher_norm = build_norm(norm, teacher_dim)
 
+    def spectrum(self):
+        """spectrum() of each linear layer of the projector, as {"proj1_sv_over_1pct": ..., ...}: train.py's log."""
+        layers = [m.weight for m in self.projector.modules() if isinstance(m, nn.Linear)]
+        return {f"proj{i}_{name}": value for i, weight in enumerate(layers, 1)
+                for name, value in zip(("sv_over_1pct", "effective_rank"), spectrum(weight))}
+
     def extra_repr(self):
         return f"norm={self.norm!r}, distance={self.distance!r}, alpha={self.alpha}"
 
@@ -169,3 +175,13 @@ def kd_loss(student_logits, teacher_logits, temperature=4.0):
         teacher_log_probs = F.log_softmax(teacher_logits.detach().to(dtype) / temperature, dim=1)
         kl = F.kl_div(student_log_probs, teacher_log_probs, reduction="batchmean", log_target=True)
     return kl * temperature ** 2
+
+
+def spectrum(weight, floor=0.01):
+    """How many directions a projector layer keeps (Sec. 6.3, Fig. 6.2: without BatchNorm many of its singular values
+    shrink towards zero): (the number of singular values above floor x the largest, the effective rank
+    exp(H(s / sum s)), Roy & Vetterli 2007, which needs no threshold). One small SVD, on the CPU."""
+    singular_values = torch.linalg.svdvals(weight.detach().float().cpu())
+    p = singular_values / singular_values.sum()
+    return (int((singular_values > floor * singular_values[0]).sum()),
+            float(torch.exp(-(p * torch.log(p.clamp_min(1e-30))).sum())))

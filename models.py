@@ -10,6 +10,7 @@ penultimate vector (B x model.feature_dim) that the classifier reads, which is w
 """
 import pickle
 import re
+import warnings
 from collections.abc import Mapping
 from functools import partial
 from pathlib import Path
@@ -441,10 +442,14 @@ def read_checkpoint(path):
     would run. Such a file is reported and left unloaded; torch's hint to retry with weights_only=False is
     deliberately not passed on."""
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a folder, not a checkpoint file")
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint file at {path}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)  # CPU: the zoo saved CUDA tensors
+        with warnings.catch_warnings():  # torch warns of a plain pickle's protocol before refusing it: one message
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.load(path, map_location="cpu", weights_only=True)  # CPU: the zoo saved CUDA tensors
     except pickle.UnpicklingError as error:
         named = re.search(r"GLOBAL ([\w.]+)", str(error))
         if named:

@@ -2,8 +2,8 @@
 
     pytest -q -rP test_cuda.py      # -rP also prints what each test measured (deviations, memory)
 
-The loader's CUDA generator and memory, the default speed path (bf16 autocast, channels_last, torch.compile, fused
-SGD) against eager float32, CUDA graphs against the plain compiled step, the compiled graph count, and train.py's
+The loader's CUDA generator and memory, the speed path (bf16 autocast, and fp16 with loss scaling, each with
+channels_last, torch.compile and fused SGD) against eager float32, CUDA graphs against the plain compiled step, the compiled graph count, and train.py's
 resume with its CUDA RNG state. Small models (resnet8) keep the cold compilations short.
 """
 import io
@@ -17,12 +17,14 @@ if not torch.cuda.is_available():
 import torch._dynamo.testing  # noqa: E402
 
 import data  # noqa: E402
+import devices  # noqa: E402
 import models  # noqa: E402
 import train  # noqa: E402
 from test_data import all_views, assert_same_epochs, epoch_views, epochs, fingerprints, random_images  # noqa: E402
 
 DEVICE = "cuda"
 BF16_UNIT_ROUNDOFF = 2.0 ** -8  # bf16 keeps 8 significant bits: each rounding is off by at most 2^-8 relatively
+FP16_UNIT_ROUNDOFF = 2.0 ** -11  # fp16 keeps 11
 
 
 def cpu_batches(loader):
@@ -86,19 +88,34 @@ def build(flags, method="srd"):
     return config, student, optimizer, train.make_loss_fn(student, teacher, distill, config)
 
 
-def train_steps(flags, batches, method="srd"):
-    """The loss terms (ce, feat, kd, total) of each step, and the student afterwards."""
+def train_steps(flags, batches, method="srd", scaler=None):
+    """The loss terms (ce, feat, kd, total) of each step, and the student afterwards (scaler: a GradScaler to use
+    instead of a disabled one; the skipped steps are checked to be none)."""
     config, student, optimizer, loss_fn = build(flags, method)
-    terms = []
+    scaler = scaler or torch.amp.GradScaler("cuda", enabled=False)
+    terms, skipped = [], 0
     for x, y in batches:
-        step_terms, _ = train.train_step(loss_fn, optimizer, x, y, config)
+        step_terms, _, step_skipped = train.train_step(loss_fn, optimizer, scaler, x, y, config)
         terms.append(step_terms.clone())  # a CUDA graph's outputs are overwritten by its next replay
+        skipped += step_skipped
     torch.cuda.synchronize()
+    assert int(skipped) == 0, f"the loss scaler skipped {int(skipped)} steps: the comparison would be meaningless"
     return torch.stack(terms).cpu(), student
 
 
-def test_default_cuda_step_tracks_eager_float32_over_20_steps():
-    """bf16 autocast + channels_last + compile + fused SGD against eager fp32 + foreach SGD, same weights and batches.
+def fp32_reference(batches):
+    """Eager fp32 with foreach SGD and cuDNN's TF32 off: a true float32 reference."""
+    allow_tf32 = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False  # cuDNN convolutions default to TF32
+    try:
+        return train_steps(["--precision", "fp32", "--no-channels-last", "--no-compile", "--no-fused-sgd"], batches)[0]
+    finally:
+        torch.backends.cudnn.allow_tf32 = allow_tf32
+
+
+def test_bf16_cuda_step_tracks_eager_float32_over_20_steps():
+    """bf16 autocast + channels_last + compile + fused SGD against eager fp32 + foreach SGD, same weights and batches
+    (the default on GPUs of compute capability 8.0 and up; emulated, and slow, below).
 
     Tolerance: bf16 rounds each operand to 8 significant bits (relative error u = 2^-8 = 0.39%); products accumulate
     in fp32, so a layer's output is off by about u relatively and resnet8's 8 weight layers by at most ~8u. A loss
@@ -107,18 +124,30 @@ def test_default_cuda_step_tracks_eager_float32_over_20_steps():
     step, too little over 20 steps to add to it. The measured deviation is printed."""
     loader = data.Loader(*data.fake_cifar100(20 * 64, seed=0), 64, True, DEVICE)
     batches = [(x.clone(), y.clone()) for x, y in loader]
-    allow_tf32 = torch.backends.cudnn.allow_tf32
-    torch.backends.cudnn.allow_tf32 = False  # a true fp32 reference: cuDNN convolutions default to TF32
-    try:
-        reference, _ = train_steps(["--no-bf16", "--no-channels-last", "--no-compile", "--no-fused-sgd"], batches)
-    finally:
-        torch.backends.cudnn.allow_tf32 = allow_tf32
-    fast, _ = train_steps([], batches)
+    reference = fp32_reference(batches)
+    fast, _ = train_steps(["--precision", "bf16"], batches)
     deviation = (fast - reference).abs()
-    print(f"bf16 default step vs eager fp32, 20 steps: max |difference| per term (ce, feat, kd, total) "
+    print(f"bf16 step vs eager fp32, 20 steps: max |difference| per term (ce, feat, kd, total) "
           f"{deviation.max(0).values.tolist()}, relative {(deviation / reference.abs().clamp_min(1)).max().item():.4f}")
     assert not torch.equal(fast, reference)  # bf16 did run
     bound = 4 * 8 * BF16_UNIT_ROUNDOFF
+    torch.testing.assert_close(fast, reference, rtol=bound, atol=bound)
+
+
+def test_fp16_step_with_loss_scaling_tracks_eager_float32_over_20_steps():
+    """fp16 autocast with a GradScaler (the default on GPUs of capability 7.x) + channels_last + compile + fused SGD
+    against eager fp32, as above. Tolerance: fp16 keeps 11 significant bits (u = 2^-11), so by the same argument as
+    for bf16, 4 x 8u = 1.6%. The scaler starts at 2^10 rather than torch's 2^16, which overflows resnet8's first
+    gradients in fp16: a skipped step would leave the two runs a step apart (train_steps checks there were none)."""
+    loader = data.Loader(*data.fake_cifar100(20 * 64, seed=0), 64, True, DEVICE)
+    batches = [(x.clone(), y.clone()) for x, y in loader]
+    reference = fp32_reference(batches)
+    fast, _ = train_steps(["--precision", "fp16"], batches, scaler=torch.amp.GradScaler("cuda", init_scale=2.0 ** 10))
+    deviation = (fast - reference).abs()
+    print(f"fp16 + loss scaling vs eager fp32, 20 steps: max |difference| per term (ce, feat, kd, total) "
+          f"{deviation.max(0).values.tolist()}, relative {(deviation / reference.abs().clamp_min(1)).max().item():.4f}")
+    assert not torch.equal(fast, reference)  # fp16 did run
+    bound = 4 * 8 * FP16_UNIT_ROUNDOFF
     torch.testing.assert_close(fast, reference, rtol=bound, atol=bound)
 
 
@@ -132,12 +161,13 @@ def test_cuda_graphs_change_nothing_and_update_batchnorm_once_per_step():
     deterministic = torch.backends.cudnn.deterministic
     torch.backends.cudnn.deterministic = True  # no atomics in cuDNN's backward: the two runs differ only by graphs
     try:
-        plain, plain_student = train_steps(["--no-bf16", "--compile"], batches, method="none")
-        skips = train.cudagraph_skips()
-        graphs, graphs_student = train_steps(["--no-bf16", "--compile", "--cuda-graphs"], batches, method="none")
+        plain, plain_student = train_steps(["--precision", "fp32", "--compile"], batches, method="none")
+        skips = devices.cudagraph_skips()
+        graphs, graphs_student = train_steps(["--precision", "fp32", "--compile", "--cuda-graphs"], batches,
+                                             method="none")
     finally:
         torch.backends.cudnn.deterministic = deterministic
-    assert train.cudagraph_skips() == skips, "torch declined to record CUDA graphs: TORCH_LOGS=cudagraphs says why"
+    assert devices.cudagraph_skips() == skips, "torch declined to record CUDA graphs: TORCH_LOGS=cudagraphs says why"
     print(f"CUDA graphs vs plain compiled, 10 steps: max |loss difference| {(graphs - plain).abs().max().item():.2e}")
     torch.testing.assert_close(graphs, plain, rtol=1e-5, atol=1e-5)
     plain_state, graphs_state = plain_student.state_dict(), graphs_student.state_dict()
@@ -152,10 +182,11 @@ def test_two_epochs_with_an_evaluation_compile_exactly_two_graphs(monkeypatch):
     counter = torch._dynamo.testing.CompileCounter()  # counts the graphs dynamo hands to the backend
     real_compile = torch.compile
     monkeypatch.setattr(torch, "compile", lambda fn, dynamic, mode: real_compile(fn, backend=counter, dynamic=dynamic))
-    config, student, optimizer, loss_fn = build([])  # the CUDA defaults: bf16, channels_last, fused SGD
+    config, student, optimizer, loss_fn = build([])  # this GPU's defaults (devices.py)
+    scaler = torch.amp.GradScaler("cuda", enabled=config["precision"] == "fp16")
     images, labels = data.fake_cifar100(96, seed=0)  # one batch of 64 and a last one of 32
     for _ in range(2):
-        train.train_one_epoch(loss_fn, optimizer, data.Loader(images, labels, 64, True, DEVICE), config)
+        train.train_one_epoch(loss_fn, optimizer, scaler, data.Loader(images, labels, 64, True, DEVICE), config)
         train.evaluate(student, data.Loader(images, labels, 50, False, DEVICE), config)
     assert counter.frame_count == 2
     torch._dynamo.reset()
@@ -174,7 +205,7 @@ def test_train_py_resume_on_cuda_replays_the_same_run(tmp_path, monkeypatch):
     torch.manual_seed(0)
     torch.save(models.build_model("resnet8").state_dict(), tmp_path / "teacher.pt")
     common = ["--teacher", "resnet8", "--teacher-ckpt", str(tmp_path / "teacher.pt"), "--student", "resnet8",
-              "--dataset", "fake", "--device", DEVICE]
+              "--dataset", "fake", "--device", DEVICE, "--milestones", "2"]  # one schedule for 2 + 1 and 3 epochs
     train.main([*common, "--epochs", "3", "--out", str(tmp_path / "straight")])
     train.main([*common, "--epochs", "2", "--out", str(tmp_path / "resumed")])
     train.main([*common, "--epochs", "3", "--out", str(tmp_path / "resumed"), "--resume"])

@@ -268,9 +268,13 @@ def test_non_finite_flags_are_refused(flags, capsys):
     assert exit_info.value.code == 2 and "is not a finite number" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("flags, says", [(["--lr", "0"], "--lr must be positive"),
-                                         (["--kd-weight", "-1"], "--kd-weight must be zero or positive"),
-                                         (["--milestones", "0", "10"], "--milestones must be positive")])
+@pytest.mark.parametrize("flags, says", [(["--lr", "0"], "argument --lr: must be more than 0, got 0"),
+                                         (["--kd-weight", "-1"], "argument --kd-weight: must be at least 0, got -1"),
+                                         (["--milestones", "0", "10"], "argument --milestones: must be at least 1"),
+                                         (["--batch-size", "1"], "argument --batch-size: must be at least 2 (BatchNorm"),
+                                         (["--seed", "99999999999999999999999"], "argument --seed: must be at least 0 "
+                                                                                 "and at most 9223372036854775807"),
+                                         (["--seed", "-1"], "argument --seed: must be at least 0")])
 def test_out_of_range_flags_are_refused(flags, says, capsys):
     with pytest.raises(SystemExit):
         train.parse_args([*TINY, *flags])
@@ -339,6 +343,6 @@ def test_config_is_printed_readably(tmp_path, capsys):
               datasets=(data.fake_cifar100(64, seed=0), data.fake_cifar100(50, seed=1)))
     out = capsys.readouterr().out
     assert "run: resnet8, method none, into" in out
-    assert "  not the defaults: epochs=1 lr=0.1 dataset=fake" in out
-    described = out[:out.index("\nwarning: no CUDA device")].splitlines()  # the configuration's lines
+    assert "  not the defaults: epochs=1 milestones=[1, 1, 1] lr=0.1 dataset=fake" in out
+    described = out[:out.index("\nepoch ")].splitlines()  # the configuration's lines
     assert len(described) >= 3 and max(map(len, described)) <= 120

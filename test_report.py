@@ -1,8 +1,12 @@
-"""report.py on real runs of train.py (resnet8, fake data, 2 epochs): grouping, statistics, bad input, outputs."""
+"""report.py on real runs of train.py (resnet8, fake data, 2 epochs): grouping, statistics, bad input, outputs.
+
+Those runs are synthetic, so their report is --synthetic's (synthetic-report.md, ...); real-data reports are checked on
+run folders written here without training (write_run)."""
 import contextlib
 import csv
 import io
 import json
+import os
 import shlex
 import shutil
 import subprocess
@@ -14,12 +18,14 @@ import pytest
 
 import data
 import report
+import runs
 import train
 
 TINY = ["--student", "resnet8", "--epochs", "2", "--batch-size", "32", "--dataset", "fake", "--device", "cpu"]
 # which run folders must share a row (the old-format copy is made from alone/seed1 in the fixture)
 GROUPS = {"alone": {"alone/seed0", "alone/seed1", "alone-old/seed2"}, "alone-lr": {"alone-lr/seed0"},
-          "kd": {"kd/seed0", "kd/seed1"}}
+          "kd": {"kd/seed0", "kd/seed1"}, "srd": {"srd/seed0", "srd/seed1"}}
+MD, CSV, PNG = "synthetic-report.md", "synthetic-report.csv", "synthetic-curves.png"  # --synthetic's outputs
 
 
 def edit_json(path, **changes):
@@ -41,6 +47,33 @@ def call_report(*argv):
     return code, out.getvalue(), err.getvalue()
 
 
+def cpu_config(*argv):
+    """What train.py records for a resnet8 run with these flags on the CPU."""
+    return train.resolve_config(train.parse_args(["--student", "resnet8", *argv, "--device", "cpu"]))
+
+
+def write_run(folder, config, accuracy, epochs=1, columns=runs.LOG_COLUMNS, **cells):
+    """A finished run folder written without training: config.json, a log.csv of `epochs` rows (test_acc = accuracy,
+    a cell given in `cells` as given, the projector's spectrum empty as without one, every other 1), summary.json."""
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps(config))
+    values = {**{column: 1 for column in columns}, **{column: "" for column in report.SPECTRUM_COLUMNS},
+              "test_acc": accuracy, **cells}
+    (folder / "log.csv").write_text("\n".join([",".join(columns), *(",".join(
+        str(epoch if column == "epoch" else values[column]) for column in columns) for epoch in range(1, epochs + 1))])
+        + "\n")
+    (folder / "summary.json").write_text(json.dumps(
+        {"last_accuracy": accuracy, "best_accuracy": accuracy + 1.0, "last_epoch": epochs, "teacher_accuracy": None,
+         "wall_time_s": 1.0}))
+
+
+def figure_of(*roots):
+    """report.plot's figure of every run below roots, and its groups."""
+    finished, _, _ = report.find_runs(roots)
+    groups = report.group_runs(finished)
+    return report.plot(groups, roots[0] / "figure.png"), groups
+
+
 def read_rows(path):
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
@@ -52,8 +85,8 @@ def folders_of(row, root):
 
 @pytest.fixture(scope="module")
 def clean(tmp_path_factory, one_torch_thread):
-    """Five runs by train.py (resnet8 alone, seeds 0 and 1; alone with --lr 0.1; KD from the first, seeds 0 and 1),
-    an older run of the first experiment, and the report over them."""
+    """Seven runs by train.py (resnet8 alone, seeds 0 and 1; alone with --lr 0.1; KD and SRD (mlp projector) from the
+    first, seeds 0 and 1), an older run of the first experiment, and the report over them."""
     root = tmp_path_factory.mktemp("runs")
     datasets = (data.fake_cifar100(64, seed=0), data.fake_cifar100(64, seed=1))
 
@@ -66,25 +99,31 @@ def clean(tmp_path_factory, one_torch_thread):
     # the teacher: the better of the two, so that its accuracy is not a zero any wrong reading could give
     teacher = max(("alone/seed0", "alone/seed1"),
                   key=lambda f: json.loads((root / f / "summary.json").read_text())["last_accuracy"])
-    for seed in ("0", "1"):
-        make(f"kd/seed{seed}", "--teacher", "resnet8", "--teacher-ckpt", str(root / teacher / "last.pt"),
-             "--method", "kd", "--seed", seed)
+    for method in ("kd", "srd"):
+        for seed in ("0", "1"):
+            make(f"{method}/seed{seed}", "--teacher", "resnet8", "--teacher-ckpt", str(root / teacher / "last.pt"),
+                 "--method", method, "--seed", seed)
     # the first experiment as an older train.py on a GPU machine recorded it: keys missing (they take their
-    # defaults), others set that do not change the experiment; its accuracies moved so that no two runs tie
+    # defaults), "bf16": false where today's records "precision", others set that do not change the experiment; its
+    # accuracies moved so that no two runs tie
     shutil.copytree(root / "alone/seed1", root / "alone-old/seed2")
     config = json.loads((root / "alone-old/seed2/config.json").read_text())
-    for key in ("cuda_graphs", "hidden_dim", "alpha", "bf16"):
+    for key in ("cuda_graphs", "hidden_dim", "alpha", "precision", "train_subset", "device_name", "capability"):
         del config[key]
-    config.update(seed=2, device="cuda:0", data_dir="/elsewhere", compile=True, channels_last=True, fused_sgd=True)
+    config.update(seed=2, device="cuda:0", data_dir="/elsewhere", compile=True, channels_last=True, fused_sgd=True,
+                  bf16=False)
     (root / "alone-old/seed2/config.json").write_text(json.dumps(config))
     summary = json.loads((root / "alone-old/seed2/summary.json").read_text())
     edit_json(root / "alone-old/seed2/summary.json", last_accuracy=summary["last_accuracy"] + 3.125,
               best_accuracy=summary["best_accuracy"] + 4.6875)
+    summary = json.loads((root / "srd/seed1/summary.json").read_text())  # apart from seed 0's (two epochs can tie)
+    edit_json(root / "srd/seed1/summary.json", last_accuracy=summary["last_accuracy"] + 1.5625,
+              best_accuracy=summary["best_accuracy"] + 1.5625)
     edit_json(root / "alone/seed0/config.json", teacher_cache=True)  # a newer flag, bit-identical results
     # last and best apart: one run whose best epoch was the first, 12.5 points above its last
     summary = json.loads((root / "kd/seed1/summary.json").read_text())
     edit_json(root / "kd/seed1/summary.json", best_epoch=1, best_accuracy=summary["last_accuracy"] + 12.5)
-    code, stdout, stderr = call_report(root)
+    code, stdout, stderr = call_report(root, "--synthetic")
     assert code == 0, stderr
     return root, stdout, stderr, teacher
 
@@ -108,7 +147,7 @@ def messy(clean, tmp_path_factory):
     """The same runs plus broken and unfinished copies of alone/seed0 (with new seeds: counted, they would change
     the first row), reported into a separate folder without the figure."""
     root = tmp_path_factory.mktemp("messy")
-    shutil.copytree(clean[0], root, dirs_exist_ok=True, ignore=shutil.ignore_patterns("*.pt", "report.*", "*.png"))
+    shutil.copytree(clean[0], root, dirs_exist_ok=True, ignore=shutil.ignore_patterns("*.pt", "*report.*", "*.png"))
     source = clean[0] / "alone/seed0"
     for i, (name, (spoilt, spoil)) in enumerate(BROKEN.items()):
         (root / name).mkdir()
@@ -122,14 +161,14 @@ def messy(clean, tmp_path_factory):
     (root / "unfinished_started").mkdir()
     shutil.copy(source / "config.json", root / "unfinished_started")
     out = tmp_path_factory.mktemp("messy_report")
-    code, stdout, stderr = call_report(root, "--out", out, "--no-plot")
+    code, stdout, stderr = call_report(root, "--out", out, "--no-plot", "--synthetic")
     assert code == 0, stderr
     return root, out, stdout, stderr
 
 
 def test_runs_differing_only_in_seed_and_speed_keys_share_a_row(clean):
     root = clean[0]
-    rows = read_rows(root / "report.csv")
+    rows = read_rows(root / CSV)
     assert sorted(map(sorted, (folders_of(row, root) for row in rows))) == sorted(map(sorted, GROUPS.values()))
     by_name = {name: row for name in GROUPS for row in rows if folders_of(row, root) == GROUPS[name]}
     assert by_name["alone"]["seeds"] == "0 1 2" and by_name["alone"]["method"] == "none"
@@ -139,8 +178,8 @@ def test_runs_differing_only_in_seed_and_speed_keys_share_a_row(clean):
 
 def test_means_and_sample_stds_match_numpy_on_the_summaries(clean):
     root = clean[0]
-    table = (root / "report.md").read_text()
-    for row in read_rows(root / "report.csv"):
+    table = (root / MD).read_text()
+    for row in read_rows(root / CSV):
         summaries = [json.loads((root / f / "summary.json").read_text()) for f in sorted(folders_of(row, root))]
         cells = []
         for which in ("last", "best"):
@@ -165,7 +204,7 @@ def test_means_and_sample_stds_match_numpy_on_the_summaries(clean):
 
 def test_last_and_best_epoch_are_kept_apart(clean):
     root = clean[0]
-    kd = next(row for row in read_rows(root / "report.csv") if folders_of(row, root) == GROUPS["kd"])
+    kd = next(row for row in read_rows(root / CSV) if folders_of(row, root) == GROUPS["kd"])
     last = [json.loads((root / f / "summary.json").read_text())["last_accuracy"] for f in sorted(GROUPS["kd"])]
     best = [json.loads((root / f / "summary.json").read_text())["best_accuracy"] for f in sorted(GROUPS["kd"])]
     assert float(kd["last_acc_mean"]) == pytest.approx(np.mean(last))
@@ -175,40 +214,42 @@ def test_last_and_best_epoch_are_kept_apart(clean):
 
 def test_teacher_accuracy_is_the_teachers_own(clean):
     root = clean[0]
-    kd = next(row for row in read_rows(root / "report.csv") if folders_of(row, root) == GROUPS["kd"])
+    kd = next(row for row in read_rows(root / CSV) if folders_of(row, root) == GROUPS["kd"])
     teacher = json.loads((root / clean[3] / "summary.json").read_text())  # kd's --teacher-ckpt
     assert teacher["last_accuracy"] > 0 and float(kd["teacher_acc"]) == pytest.approx(teacher["last_accuracy"])
 
 
 def test_curves_png_is_written(clean):
-    png = (clean[0] / "curves.png").read_bytes()
+    png = (clean[0] / PNG).read_bytes()
     assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 10_000
 
 
 def test_broken_and_unfinished_runs_hide_nothing(clean, messy):
     root, out, stdout, _ = messy
-    clean_rows, messy_rows = read_rows(clean[0] / "report.csv"), read_rows(out / "report.csv")
+    clean_rows, messy_rows = read_rows(clean[0] / CSV), read_rows(out / CSV)
     assert [{**r, "folders": folders_of(r, clean[0])} for r in clean_rows] == \
            [{**r, "folders": folders_of(r, root)} for r in messy_rows]
-    assert not (out / "curves.png").exists()  # --no-plot
-    for listing in (stdout, (out / "report.md").read_text()):
+    assert not (out / PNG).exists()  # --no-plot
+    for listing in (stdout, (out / MD).read_text()):
         assert f"{root / 'unfinished_partial'}: 1 of 2 epochs logged" in listing
         assert f"{root / 'unfinished_started'}: 0 of 2 epochs logged" in listing
 
 
 @pytest.mark.parametrize("name", BROKEN)
 def test_each_broken_file_is_named(name, messy):
-    root, _, _, stderr = messy
+    root, out, _, stderr = messy
     assert f"skipped {root / name / BROKEN[name][0]}" in stderr
+    skipped = (out / MD).read_text().split("Skipped runs")[1]  # report.md too, under its own heading
+    assert f"- {root / name / BROKEN[name][0]}" in skipped
 
 
 def test_several_folders_are_pooled_into_the_first(clean, tmp_path):
     shutil.copytree(clean[0] / "alone", tmp_path / "a")
     shutil.copytree(clean[0] / "alone-old", tmp_path / "b")
-    code, _, stderr = call_report(tmp_path / "a", tmp_path / "b", "--no-plot")
+    code, _, stderr = call_report(tmp_path / "a", tmp_path / "b", "--no-plot", "--synthetic")
     assert code == 0, stderr
-    rows = read_rows(tmp_path / "a/report.csv")
-    assert len(rows) == 1 and rows[0]["runs"] == "3" and not (tmp_path / "b/report.csv").exists()
+    rows = read_rows(tmp_path / "a" / CSV)
+    assert len(rows) == 1 and rows[0]["runs"] == "3" and not (tmp_path / "b" / CSV).exists()
 
 
 def test_no_runs_or_no_folder_exits_with_one_line(tmp_path):
@@ -220,7 +261,7 @@ def test_no_runs_or_no_folder_exits_with_one_line(tmp_path):
 
 
 def test_report_does_not_import_torch(clean, tmp_path):
-    script = f"import sys, report; report.main([{str(clean[0])!r}, '--no-plot', '--out', {str(tmp_path)!r}]); " \
+    script = f"import sys, report; report.main([{str(clean[0])!r}, '--synthetic', '--out', {str(tmp_path)!r}]); " \
              "assert 'torch' not in sys.modules"
     result = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).parent, capture_output=True,
                             text=True, timeout=60)
@@ -256,18 +297,192 @@ def test_readme_commands_make_one_row_per_pair_and_method(tmp_path):
     readme = (Path(__file__).parent / "README.md").read_text()
     section = readme[readme.index("## Reproducing the table"):readme.index("## The pieces")]
     commands = [shlex.split(line)[2:] for line in section.splitlines() if line.startswith("python train.py")]
-    log = ",".join(train.LOG_COLUMNS) + "\n" + ",".join(["1"] * len(train.LOG_COLUMNS)) + "\n"
     for i, argv in enumerate(commands):
-        config = train.resolve_config(train.parse_args([*argv, "--device", "cpu"]))
-        (tmp_path / str(i)).mkdir()
-        (tmp_path / str(i) / "config.json").write_text(json.dumps(config))
-        (tmp_path / str(i) / "log.csv").write_text(log)
-        (tmp_path / str(i) / "summary.json").write_text(json.dumps(
-            {"last_accuracy": 70.0 + i, "best_accuracy": 71.0 + i, "last_epoch": 1, "teacher_accuracy": None,
-             "wall_time_s": 1.0}))
+        write_run(tmp_path / str(i), train.resolve_config(train.parse_args([*argv, "--device", "cpu"])), 70.0 + i)
     code, _, stderr = call_report(tmp_path, "--no-plot")
     assert code == 0, stderr
     rows = read_rows(tmp_path / "report.csv")
     assert sorted((r["teacher"], r["student"], r["method"], r["seeds"]) for r in rows) == [
         ("", "resnet8x4", "none", "0 1 2"), ("resnet32x4", "resnet8x4", "kd", "0 1 2"),
         ("resnet32x4", "resnet8x4", "srd", "0 1 2"), ("wrn_40_2", "wrn_16_2", "srd", "0 1 2")]
+
+
+def test_default_milestones_follow_the_epochs():
+    """train.py's milestones are 5/8, 6/8 and 7/8 of --epochs: a shorter run with them departs only in --epochs."""
+    config = cpu_config("--epochs", "15")
+    assert config["milestones"] == report.recipe_defaults(config)["milestones"] == [9, 11, 13]
+    assert report.setting(config) == "--epochs 15"
+    assert report.setting(cpu_config("--epochs", "15", "--milestones", "5", "10")) == "--epochs 15 --milestones 5 10"
+    assert report.setting(cpu_config("--milestones", "150", "180", "210")) == ""
+
+
+def test_precisions_stay_apart_and_old_bf16_joins_its_precision(tmp_path):
+    """bf16, fp16 and fp32 runs make three rows; an older config's "bf16": true or false joins bf16 or fp32; the GPU's
+    name and capability split nothing; --train-subset is part of the experiment."""
+    plain = cpu_config()
+    old = {key: value for key, value in plain.items() if key not in ("precision", "device_name", "capability")}
+    configs = {"fp32/seed0": plain, "fp32-old/seed1": dict(old, seed=1, bf16=False),
+               "bf16/seed0": dict(plain, precision="bf16", device_name="NVIDIA H200", capability="9.0"),
+               "bf16-old/seed1": dict(old, seed=1, bf16=True),
+               "fp16/seed0": dict(plain, precision="fp16", device_name="Tesla V100-SXM2-16GB", capability="7.0"),
+               "subset/seed0": dict(plain, train_subset=10000)}
+    for i, (folder, config) in enumerate(configs.items()):
+        write_run(tmp_path / folder, config, 60.0 + i)
+    code, _, stderr = call_report(tmp_path, "--no-plot")
+    assert code == 0, stderr
+    assert {row["setting"]: folders_of(row, tmp_path) for row in read_rows(tmp_path / "report.csv")} == {
+        "": {"fp32/seed0", "fp32-old/seed1"}, "--precision bf16": {"bf16/seed0", "bf16-old/seed1"},
+        "--precision fp16": {"fp16/seed0"}, "--train-subset 10000": {"subset/seed0"}}
+
+
+def spectrum_means(folders, column):
+    """A column's per-epoch mean over the log.csv files of folders, read here without report.py."""
+    return np.mean([[float(row[column]) for row in read_rows(folder / "log.csv")] for folder in folders], axis=0)
+
+
+def test_projector_spectrum_is_plotted_as_the_logs_means(clean, tmp_path):
+    shutil.copytree(clean[0], tmp_path / "runs", ignore=shutil.ignore_patterns("*.pt", "*report.*", "*.png"))
+    figure, groups = figure_of(tmp_path / "runs")
+    assert (tmp_path / "runs/figure.png").stat().st_size > 10_000 and len(groups) == len(GROUPS)
+    accuracy_axes, _, count_axes, rank_axes = figure.axes
+    # only srd has a projector: 2 linear layers (mlp), a line per layer in each spectrum panel, none for CE or KD
+    assert [line.get_label().split(": ")[1] for line in count_axes.lines] == [
+        "proj1_sv_over_1pct", "proj2_sv_over_1pct"]
+    assert [line.get_label().split(": ")[1] for line in rank_axes.lines] == [
+        "proj1_effective_rank", "proj2_effective_rank"]
+    srd_folders = [tmp_path / "runs" / folder for folder in sorted(GROUPS["srd"])]
+    for line in [*count_axes.lines, *rank_axes.lines]:
+        assert " srd" in line.get_label()
+        assert line.get_ydata() == pytest.approx(spectrum_means(srd_folders, line.get_label().split(": ")[1]))
+    ranks = [[float(row["proj1_effective_rank"]) for row in read_rows(f / "log.csv")] for f in srd_folders]
+    assert ranks[0] != ranks[1]  # the seeds differ, so only their mean matches
+    srd_accuracy = next(line for line in accuracy_axes.lines if " srd" in line.get_label())
+    assert srd_accuracy.get_ydata() == pytest.approx(spectrum_means(srd_folders, "test_acc"))
+
+
+def test_a_linear_projector_and_an_older_log_show_what_they_have(clean, tmp_path):
+    """A linear projector logs one layer (proj2_* empty); a log from before the spectrum columns has none."""
+    config = dict(cpu_config("--teacher", "resnet8", "--projector", "linear"), dataset="fake")
+    write_run(tmp_path / "linear", config, 50.0, epochs=3, proj2_sv_over_1pct="", proj2_effective_rank="",
+              proj1_sv_over_1pct=7, proj1_effective_rank=3.5)
+    shutil.copytree(clean[0] / "srd/seed0", tmp_path / "old", ignore=shutil.ignore_patterns("*.pt"))
+    log = read_rows(tmp_path / "old/log.csv")
+    old_columns = runs.LOG_COLUMNS[:runs.LOG_COLUMNS.index("images_per_s") + 1]
+    (tmp_path / "old/log.csv").write_text("\n".join([",".join(old_columns), *(
+        ",".join(row[column] for column in old_columns) for row in log)]) + "\n")
+    figure, groups = figure_of(tmp_path)
+    assert [len(group) for group in groups] == [1, 1]  # both read
+    _, _, count_axes, rank_axes = figure.axes
+    assert [(line.get_label(), list(line.get_ydata())) for line in count_axes.lines] == [
+        ("resnet8 -> resnet8 srd --projector linear: proj1_sv_over_1pct", [7, 7, 7])]
+    assert [text.get_text() for text in count_axes.get_legend().get_texts()] == ["linear layer 1"]
+    assert [list(line.get_ydata()) for line in rank_axes.lines] == [[3.5, 3.5, 3.5]]
+    assert set(report.SPECTRUM_COLUMNS) < set(runs.LOG_COLUMNS)  # the names train.py logs
+
+
+def test_short_curves_have_markers(tmp_path):
+    """A one-epoch run is a single point: without a marker it would not be drawn at all."""
+    write_run(tmp_path / "one", cpu_config(), 40.0, epochs=1)
+    write_run(tmp_path / "long", cpu_config("--lr", "0.1"), 45.0, epochs=report.MARKERS_UP_TO + 1)
+    figure, _ = figure_of(tmp_path)
+    marked = {line.get_label(): (len(line.get_xdata()), line.get_marker()) for line in figure.axes[0].lines}
+    assert marked == {"resnet8 alone (n=1)": (1, "o"), "resnet8 alone --lr 0.1 (n=1)": (21, "None")}
+    assert all(line.get_marker() == "o" for line in figure.axes[1].lines if len(line.get_xdata()) == 1)
+
+
+def test_the_title_says_what_is_plotted_and_what_all_groups_share(clean, tmp_path):
+    figure, _ = figure_of(clean[0])
+    title = figure._suptitle.get_text()  # noqa: SLF001 (matplotlib has no public getter)
+    assert title == ("Test accuracy, training loss and projector spectrum per epoch, 4 groups, mean over seeds\n"
+                     "all groups: --epochs 2 --batch-size 32 --dataset fake")
+    write_run(tmp_path / "a", cpu_config(), 40.0)
+    write_run(tmp_path / "b", cpu_config("--lr", "0.1"), 41.0)
+    figure, _ = figure_of(tmp_path)  # nothing shared: no subtitle
+    assert figure._suptitle.get_text() == "Test accuracy, training loss per epoch, 2 groups, mean over seeds"
+
+
+def test_the_loss_legend_names_only_the_styles_drawn(clean, tmp_path):
+    figure, _ = figure_of(clean[0])
+    assert [text.get_text() for text in figure.axes[1].get_legend().get_texts()] == ["ce", "feat", "kd"]
+    shutil.copytree(clean[0] / "alone", tmp_path / "alone", ignore=shutil.ignore_patterns("*.pt"))
+    figure, _ = figure_of(tmp_path)  # cross-entropy alone
+    assert [text.get_text() for text in figure.axes[1].get_legend().get_texts()] == ["ce"]
+    assert {line.get_linestyle() for line in figure.axes[1].lines} == {"-"}
+
+
+def test_report_md_names_each_rows_folders(clean):
+    root = clean[0]
+    folders = (root / MD).read_text().split("Run folders of each row:\n")[1].split("\n\n")[0].splitlines()
+    rows = read_rows(root / CSV)
+    assert len(folders) == len(rows)
+    for line, row in zip(folders, rows):
+        assert line == f"- {row['teacher'] or '–'} | {row['student']} | {row['method']} | {row['setting']}: " \
+                       f"{row['folders']}"
+
+
+def test_a_seed_twice_is_warned_in_report_md_too(clean, tmp_path):
+    for copy in ("a", "b"):
+        shutil.copytree(clean[0] / "alone/seed0", tmp_path / copy / "seed0", ignore=shutil.ignore_patterns("*.pt"))
+    code, _, stderr = call_report(tmp_path / "a", tmp_path / "b", "--no-plot", "--synthetic")
+    assert code == 0, stderr
+    warning = f"resnet8 alone --epochs 2 --batch-size 32 --dataset fake: a seed appears twice " \
+              f"({tmp_path / 'a/seed0'} {tmp_path / 'b/seed0'})"
+    assert f"warning: {warning}" in stderr and f"Warnings:\n- {warning}" in (tmp_path / "a" / MD).read_text()
+
+
+def test_synthetic_runs_are_reported_apart(clean, tmp_path):
+    """Real and synthetic runs in one folder: the default report has the real ones and counts the others, --synthetic
+    the others alone, in files of their own under a heading that says so."""
+    shutil.copytree(clean[0] / "alone", tmp_path / "fake", ignore=shutil.ignore_patterns("*.pt"))
+    for folder in GROUPS["kd"]:
+        shutil.copytree(clean[0] / folder, tmp_path / "real" / folder, ignore=shutil.ignore_patterns("*.pt"))
+        edit_json(tmp_path / "real" / folder / "config.json", dataset="cifar100")
+    code, stdout, stderr = call_report(tmp_path, "--no-plot")
+    assert code == 0, stderr
+    assert [folders_of(row, tmp_path / "real") for row in read_rows(tmp_path / "report.csv")] == [GROUPS["kd"]]
+    note = f"2 finished and 0 unfinished runs on synthetic data are left out: `python report.py {tmp_path} " \
+           f"--synthetic` reports them instead."
+    assert (tmp_path / "report.md").read_text().startswith("# Runs on CIFAR-100\n")
+    assert note in stdout and note in (tmp_path / "report.md").read_text()
+    real = (tmp_path / "report.md").read_text()
+    code, stdout, stderr = call_report(tmp_path, "--no-plot", "--synthetic")
+    assert code == 0, stderr
+    assert [folders_of(row, tmp_path) for row in read_rows(tmp_path / CSV)] == [{"fake/seed0", "fake/seed1"}]
+    synthetic = (tmp_path / MD).read_text()
+    assert synthetic.startswith("# Runs on synthetic data: tests of the code, not results\n")
+    assert f"2 finished and 0 unfinished runs on CIFAR-100 are left out: `python report.py {tmp_path}` reports " \
+           f"them instead." in synthetic
+    assert (tmp_path / "report.md").read_text() == real  # not overwritten
+
+
+def test_only_synthetic_runs_say_so_and_name_the_flag(clean):
+    code, stdout, _ = call_report(clean[0], "--no-plot")
+    assert code.startswith("error: no finished run on CIFAR-100 below ") and "\n" not in code
+    assert code.endswith(f"; 8 finished and 0 unfinished runs on synthetic data are left out: `python report.py "
+                         f"{clean[0]} --synthetic` reports them instead.") and not stdout
+
+
+@pytest.mark.parametrize("where", ["a file", "below a file"])
+def test_an_out_that_is_a_file_is_refused_in_one_line(clean, tmp_path, where):
+    (tmp_path / "file").write_text("kept")
+    out = tmp_path / "file" if where == "a file" else tmp_path / "file/sub"
+    code, stdout, _ = call_report(clean[0], "--synthetic", "--out", out)
+    assert code == f"error: cannot write the report into {out}: {tmp_path / 'file'} is a file, not a folder; " \
+                   f"nothing was written (--out FOLDER chooses where it goes)"
+    assert [p.name for p in tmp_path.iterdir()] == ["file"] and (tmp_path / "file").read_text() == "kept"
+
+
+@pytest.mark.parametrize("where", ["itself", "its parent"])
+def test_a_read_only_out_is_refused_in_one_line(clean, tmp_path, where):
+    read_only = tmp_path / "read-only"
+    read_only.mkdir()
+    read_only.chmod(0o555)
+    try:
+        if os.access(read_only, os.W_OK):
+            pytest.skip("this user writes into read-only folders (root)")
+        out = read_only if where == "itself" else read_only / "new"
+        code, _, _ = call_report(clean[0], "--synthetic", "--out", out)
+        assert code.startswith(f"error: cannot write the report into {out}: {read_only} is not writable;")
+        assert not any(read_only.iterdir())
+    finally:
+        read_only.chmod(0o755)

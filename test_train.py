@@ -1,6 +1,7 @@
 """train.py end to end on CPU: tiny models, fake data, a couple of epochs each."""
 import csv
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -9,7 +10,9 @@ import pytest
 import torch
 
 import data
+import devices
 import models
+import runs
 import train
 
 TINY = ["--dataset", "fake", "--epochs", "2", "--device", "cpu"]
@@ -71,11 +74,10 @@ def test_teacher_is_trained_first_when_absent(tmp_path, monkeypatch, capsys):
     summary = train.main(["--teacher", "resnet8", "--student", "resnet8", *TINY[:2], "--epochs", "1",
                           "--device", "cpu"])
     out = capsys.readouterr().out
-    assert "data: synthetic (--dataset fake), 2,000 training and 500 test images" in out
+    assert "data: synthetic (--dataset fake), 2,000 training images and 500 test images" in out
     plan = out.index("the job, in two parts")  # said up front, before the first epoch of either part
     assert plan < out.index("epoch   1/1")
     assert "1. train resnet8 alone, 1 epochs, in runs/fake/resnet8; 2. distil resnet8 from it" in out
-    assert "the 1-epoch distillation of resnet8 follows" in out  # the CPU estimate names what comes next
     assert (tmp_path / "runs/fake/resnet8/summary.json").exists()
     assert (tmp_path / "runs/fake/resnet8-resnet8-srd-seed0/summary.json").exists()
     teacher_summary = json.loads((tmp_path / "runs/fake/resnet8/summary.json").read_text())
@@ -88,13 +90,16 @@ def test_unfinished_teacher_is_finished_as_recorded_and_the_student_keeps_its_te
     monkeypatch.chdir(tmp_path)
     teacher = Path("runs/fake/resnet8")
     train.main(["--student", "resnet8", *TINY[:2], "--epochs", "1", "--lr", "0.1", "--device", "cpu"])
-    (teacher / "summary.json").unlink()  # as if stopped after epoch 1 of 2
-    recorded = json.loads((teacher / "config.json").read_text())
-    (teacher / "config.json").write_text(json.dumps(dict(recorded, epochs=2)))
+    (teacher / "summary.json").unlink()  # as if stopped after epoch 1 of 2: both records say 2 epochs
+    checkpoint = torch.load(teacher / "last.pt", weights_only=True)
+    checkpoint["config"]["epochs"] = 2
+    torch.save(checkpoint, teacher / "last.pt")
+    (teacher / "config.json").write_text(json.dumps(checkpoint["config"]))
     job = ["--teacher", "resnet8", "--student", "resnet8", *TINY[:2], "--device", "cpu"]
     train.main([*job, "--epochs", "1"])
     assert "1. finish training resnet8 alone, 2 epochs, in runs/fake/resnet8" in capsys.readouterr().out
-    assert [float(r["lr"]) for r in read_log(teacher)] == [0.1, 0.1]  # the teacher's own lr, not the job's 0.05
+    # the teacher's own lr and schedule (milestones [1, 1, 1], recorded for 1 epoch), not the job's 0.05
+    assert [float(r["lr"]) for r in read_log(teacher)] == [0.1, pytest.approx(1e-4)]
     assert json.loads((teacher / "config.json").read_text())["lr"] == 0.1
     student = Path("runs/fake/resnet8-resnet8-srd-seed0")
     saved = json.loads((student / "config.json").read_text())
@@ -113,7 +118,7 @@ def test_unfinished_teacher_is_finished_as_recorded_and_the_student_keeps_its_te
 def test_resume_equals_uninterrupted_run(teacher_checkpoint, tmp_path):
     # the paper's method, so the projector and its optimizer state must come back too
     common = ["--teacher", "resnet8", "--teacher-ckpt", str(teacher_checkpoint[0]), "--student", "resnet8",
-              "--dataset", "fake", "--device", "cpu"]
+              "--dataset", "fake", "--device", "cpu", "--milestones", "2"]  # one schedule: a 2-epoch run's own differs
     train.main([*common, "--epochs", "3", "--out", str(tmp_path / "straight")])
     train.main([*common, "--epochs", "2", "--out", str(tmp_path / "resumed")])
     saved = json.loads((tmp_path / "resumed/config.json").read_text())
@@ -126,7 +131,7 @@ def test_resume_equals_uninterrupted_run(teacher_checkpoint, tmp_path):
     for part in ("model", "projector"):
         for key, tensor in straight[part].items():
             assert torch.equal(tensor, resumed[part][key]), (part, key)
-    untimed = [c for c in train.LOG_COLUMNS if c not in ("epoch_time_s", "images_per_s")]
+    untimed = [c for c in runs.LOG_COLUMNS if c not in ("epoch_time_s", "images_per_s")]
     assert [[r[c] for c in untimed] for r in read_log(tmp_path / "straight")] == \
            [[r[c] for c in untimed] for r in read_log(tmp_path / "resumed")]
 
@@ -142,13 +147,13 @@ def test_projector_is_optimised_and_changes():
     images, labels = data.fake_cifar100(128, seed=0)
     loader = data.Loader(images, labels, 64, True, "cpu")
     loss_fn = train.make_loss_fn(student, teacher, distill, config)
-    train.train_one_epoch(loss_fn, optimizer, loader, config)
+    train.train_one_epoch(loss_fn, optimizer, torch.amp.GradScaler("cpu", enabled=False), loader, config)
     assert all(not torch.equal(b, p) for b, p in zip(before, projector))
 
 
 @pytest.mark.parametrize("argv, message", [
     (["--student", "resnet9"], "invalid choice: 'resnet9'"),
-    (["--student", "resnet8", "--batch-size", "1"], "--batch-size must be at least 2"),
+    (["--student", "resnet8", "--batch-size", "1"], "argument --batch-size: must be at least 2"),
     (["--student", "resnet8", "--method", "srd"], "--method srd needs --teacher"),
 ])
 def test_bad_arguments_fail_fast(argv, message, capsys):
@@ -171,7 +176,7 @@ def test_teacher_checkpoint_of_another_architecture(teacher_checkpoint, tmp_path
     with pytest.raises(SystemExit) as exit_info:
         train.main(["--teacher", "resnet14", "--teacher-ckpt", str(path), "--student", "resnet8", *TINY,
                     "--out", str(tmp_path / "run")])
-    assert "teacher checkpoint" in str(exit_info.value.code) and "layer1.1" in str(exit_info.value.code)
+    assert "--teacher-ckpt: " in str(exit_info.value.code) and "layer1.1" in str(exit_info.value.code)
 
 
 def test_missing_data_without_download(tmp_path):
@@ -247,19 +252,22 @@ def test_fake_full_has_cifar100_sizes_and_its_own_run_folders(monkeypatch):
     monkeypatch.setattr(data, "fake_cifar100", lambda n, seed: requested.append((n, seed)) or small(4, seed))
     config = train.resolve_config(train.parse_args(["--teacher", "resnet8", "--student", "resnet8", "--dataset",
                                                     "fake-full", "--device", "cpu"]))
-    train.load_datasets(config)
+    data.load_datasets(config["dataset"], config["data_dir"])
     assert requested == [(50_000, 0), (10_000, 1)]
-    assert train.default_run_folder(config) == Path("runs/fake-full/resnet8-resnet8-srd-seed0")
-    assert train.default_run_folder(train.teacher_training_config(config)) == Path("runs/fake-full/resnet8")
+    assert runs.default_folder(config) == Path("runs/fake-full/resnet8-resnet8-srd-seed0")
+    assert runs.default_folder(train.teacher_training_config(config)) == Path("runs/fake-full/resnet8")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
-def test_cuda_run_cannot_resume_without_cuda(tmp_path):
-    config = train.resolve_config(train.parse_args(["--student", "resnet8", *TINY]))
-    (tmp_path / "config.json").write_text(json.dumps(dict(config, device="cuda")))
-    (tmp_path / "last.pt").write_bytes(b"")
+def test_cuda_run_cannot_resume_without_cuda(teacher_checkpoint, tmp_path):
+    shutil.copytree(teacher_checkpoint[0].parent / "run", tmp_path / "run")
+    (tmp_path / "run/summary.json").unlink()
+    checkpoint = torch.load(tmp_path / "run/last.pt", weights_only=True)
+    checkpoint["config"]["device"] = "cuda"  # as a run on a GPU machine recorded it
+    torch.save(checkpoint, tmp_path / "run/last.pt")
+    (tmp_path / "run/config.json").write_text(json.dumps(checkpoint["config"]))
     with pytest.raises(SystemExit) as exit_info:
-        train.main(["--student", "resnet8", "--resume", "--out", str(tmp_path)])
+        train.main(["--resume", str(tmp_path / "run"), "--epochs", "3"])
     assert "no CUDA device to resume it on" in str(exit_info.value.code)
 
 
@@ -287,7 +295,7 @@ def test_teacher_cache_changes_nothing_and_resumes(random_teacher, tmp_path, cap
     assert "teacher cache filled: 5,508 views" in out
     cached_run(random_teacher, tmp_path / "resumed", 1, cache=True)
     cached_run(random_teacher, tmp_path / "resumed", 2, cache=True, resume=True)
-    untimed = [c for c in train.LOG_COLUMNS if c not in ("epoch_time_s", "images_per_s")]
+    untimed = [c for c in runs.LOG_COLUMNS if c not in ("epoch_time_s", "images_per_s")]
     online = [[r[c] for c in untimed] for r in read_log(tmp_path / "online")]
     assert all(float(r[2]) != 0 and float(r[3]) != 0 for r in online)  # loss_feat and loss_kd both in use
     for name in ("cached", "resumed"):
@@ -299,7 +307,7 @@ def test_teacher_cache_changes_nothing_and_resumes(random_teacher, tmp_path, cap
 
 
 def test_teacher_cache_that_does_not_fit_is_refused_before_filling(random_teacher, tmp_path, monkeypatch):
-    monkeypatch.setattr(train, "free_memory", lambda device: 2 * 2 ** 30)  # 2 GiB free, all of it headroom
+    monkeypatch.setattr(devices, "free_memory", lambda device: 2 * 2 ** 30)  # 2 GiB free, all of it headroom
     with pytest.raises(SystemExit) as exit_info:
         cached_run(random_teacher, tmp_path / "run", 1, cache=True)
     message = str(exit_info.value.code)

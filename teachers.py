@@ -1,0 +1,151 @@
+"""Where a distillation's teacher comes from, and the teacher cache. A reader of the training loop may skip this file.
+
+The teacher is, in this order: the file a resumed run recorded (checked by sha256: another teacher would change the
+experiment), --teacher-ckpt (this project's checkpoint or a published ckpt_epoch_240.pth), or the last.pt of this
+project's own run of the teacher, in the run folder its recipe names (runs.default_folder). That run is trained
+first, with the student's recipe and data and cross-entropy alone, or finished as it was started, to the job's
+length; a finished one shorter than the job, or one trained on other data, is refused.
+"""
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import data
+import devices
+import models
+import runs
+
+CACHE_BATCH = 2048  # images per teacher forward pass while filling the teacher cache
+CACHE_HEADROOM = 2 * 2 ** 30  # bytes the teacher cache leaves free for training itself
+
+
+def training_config(config, lr):
+    """How this project trains a distillation's teacher: the same recipe and data, alone, on cross-entropy."""
+    return dict(config, student=config["teacher"], teacher=None, teacher_ckpt=None, method="none", lr=lr,
+                ce_weight=1.0, kd_weight=0.0, feat_weight=0.0, teacher_cache=False, teacher_file=None,
+                teacher_sha256=None)
+
+
+def check_checkpoint(config):
+    """--teacher-ckpt checked before any data is downloaded or a folder made: a file that loads into --teacher."""
+    if config["teacher_ckpt"]:
+        try:
+            models.load_weights(models.build_model(config["teacher"]), config["teacher_ckpt"])
+        except (ValueError, OSError) as error:
+            sys.exit(f"error: --teacher-ckpt: {error}" + ("; the published CRD teachers are linked in the README "
+                                                          "('Using the published teachers')"
+                                                          if isinstance(error, FileNotFoundError) else ""))
+
+
+def teacher_file(config, teacher_config, train):
+    """The teacher checkpoint of a distillation (the order above). train(teacher_config, folder, resume, then) trains
+    this project's own teacher run where one is needed."""
+    if config.get("teacher_sha256"):
+        path = Path(config["teacher_file"])
+        if not path.is_file() or data.digest_of(path, "sha256") != config["teacher_sha256"]:
+            sys.exit(f"error: this run distils from the teacher in {path} (sha256 {config['teacher_sha256'][:16]}...), "
+                     f"which is {'no longer that file' if path.is_file() else 'gone'}: resuming from another teacher "
+                     f"would change the experiment. Put that file back, or start a new run")
+        return path
+    if config["teacher_ckpt"]:
+        return config["teacher_ckpt"]
+    folder = runs.default_folder(teacher_config)
+    try:  # what the folder's run recorded: a teacher of other data there (moved by hand?) is not this job's
+        recorded = runs.read_json(folder / "config.json") if (folder / "config.json").exists() else {}
+        finished = (folder / "summary.json").exists()
+        trained = int(runs.read_json(folder / "summary.json", ("last_epoch",))["last_epoch"]) if finished else 0
+    except (ValueError, TypeError) as error:
+        sys.exit(f"error: the teacher run this job would reuse is damaged: {error}. Move {folder} away to train a "
+                 f"new teacher, or pass --teacher-ckpt")
+    for key in ("dataset", "train_subset"):
+        if recorded and recorded.get(key) != teacher_config.get(key):
+            sys.exit(f"error: {folder} holds a teacher trained with {runs.flag(key)} {recorded.get(key)}, not this "
+                     f"run's {teacher_config.get(key)}: move that folder away to train a new one, or pass "
+                     f"--teacher-ckpt")
+    if finished and trained < config["epochs"]:
+        sys.exit(f"error: {folder} holds a teacher trained for {trained} epochs, fewer than this run's "
+                 f"{config['epochs']}: pass --teacher-ckpt, or move that folder away to train a new one")
+    if not finished:
+        unfinished = (folder / "last.pt").exists()
+        if unfinished:  # finish it as it was started, to this job's length
+            teacher_config = runs.resumed_config(teacher_config, folder, set(), runs.read_checkpoint(folder, None))
+            teacher_config["epochs"] = max(teacher_config["epochs"], config["epochs"])
+        print(f"the job, in two parts (no finished teacher {config['teacher']} was found; --teacher-ckpt uses a "
+              f"published one): 1. {'finish training' if unfinished else 'train'} {config['teacher']} alone, "
+              f"{teacher_config['epochs']} epochs, in {folder}; 2. distil {config['student']} from it for "
+              f"{config['epochs']} epochs")
+        train(teacher_config, folder, unfinished, f"the {config['epochs']}-epoch distillation of {config['student']}")
+    return folder / "last.pt"
+
+
+def to_train(config, teacher_config):
+    """Whether this job trains its teacher first (for the CPU's duration estimate; nothing is read but the folder)."""
+    return bool(config["teacher"] and not config["teacher_ckpt"] and not config.get("teacher_sha256")
+                and not (runs.default_folder(teacher_config) / "summary.json").exists())
+
+
+def load(config, path, datasets):
+    """The frozen teacher from `path` on the run's device, its file recorded in config (path and sha256); with
+    --teacher-cache, refused here, before anything is filled or written, if the device cannot hold the cache."""
+    memory_format = torch.channels_last if config["channels_last"] else torch.preserve_format
+    teacher = models.build_model(config["teacher"]).to(config["device"], memory_format=memory_format)
+    try:
+        models.load_weights(teacher, path)
+    except (ValueError, OSError) as error:
+        sys.exit(f"error: teacher checkpoint: {error}")
+    print(f"teacher {config['teacher']} from {path}")
+    config.update(teacher_file=str(Path(path).resolve()), teacher_sha256=data.digest_of(path, "sha256"))
+    if config["teacher_cache"]:
+        TeacherCache.check_fits(len(datasets[0][1]), teacher.feature_dim, 4 if config["precision"] == "fp32" else 2,
+                                config["device"])
+    return teacher.eval().requires_grad_(False)
+
+
+class TeacherCache:
+    """The frozen teacher's pooled features for every training image under each of its 162 views, computed once.
+
+    The teacher is in eval mode, so its output depends on the view alone: an image has 9 x 9 crop offsets x 2 flips,
+    and 240 epochs at batch 64 (12 M teacher passes) can instead read rows image * 162 + view of a table filled by
+    8.1 M passes in large batches. `teacher_features(images)` fills it: the function the online step calls too, so
+    both give the same numbers; each step then runs the teacher's classifier on the rows it reads (logits are not
+    stored: a matmul's last bits can depend on the batch size, and the features alone take 28% less memory for
+    resnet32x4). So a run with the cache computes what a run without it does: bitwise on the CPU in float32
+    (test_train.py); on CUDA up to the kernels chosen per batch size. `loader` must name its views (views=True)."""
+
+    def __init__(self, teacher_features, loader):
+        n, device, started = loader.num_samples, loader.device, time.time()
+        self.features = None
+        for view in range(data.NUM_VIEWS):  # all images under one view, in large batches
+            offsets, flips = data.view_parameters(torch.tensor([view], device=device))
+            for start in range(0, n, CACHE_BATCH):
+                images = loader.images[start:start + CACHE_BATCH]
+                views = data.crop_and_flip(images, offsets.expand(len(images), 2), flips.expand(len(images)))
+                features = teacher_features(loader.normalise(views))
+                if self.features is None:  # in the dtype the online teacher gives (bf16 under autocast)
+                    self.features = features.new_empty(n, data.NUM_VIEWS, features.shape[1])
+                self.features[start:start + len(images), view] = features
+        self.features = self.features.flatten(0, 1)
+        if device.type == "cuda":
+            torch.cuda.synchronize()  # the kernels run asynchronously: wait, so the time below is the fill's
+        self.fill_time_s = time.time() - started
+        print(f"teacher cache filled: {n * data.NUM_VIEWS:,} views in {self.fill_time_s:.1f} s")
+
+    def lookup(self, image_index, view):
+        return self.features[image_index * data.NUM_VIEWS + view]
+
+    @staticmethod
+    def check_fits(num_images, feature_dim, itemsize, device):
+        """Say the cache's size, and refuse it if the device's free memory (on the CPU, the available RAM) cannot
+        hold it with CACHE_HEADROOM to spare."""
+        needed = num_images * data.NUM_VIEWS * feature_dim * itemsize
+        free = devices.free_memory(device)
+        print(f"teacher cache: {num_images:,} images x {data.NUM_VIEWS} views x {feature_dim} features x "
+              f"{itemsize} B = {needed / 2 ** 30:.2f} GiB on {device}")
+        if free is None:
+            print("warning: this platform does not say how much memory is free: the cache's size is not checked")
+        elif needed + CACHE_HEADROOM > free:
+            sys.exit(f"error: the teacher cache needs {needed / 2 ** 30:.2f} GiB and {device} has "
+                     f"{free / 2 ** 30:.2f} GiB free, less the {CACHE_HEADROOM / 2 ** 30:.0f} GiB kept for training: "
+                     f"run without --teacher-cache (the same training, with the teacher run each step)")
