@@ -13,7 +13,6 @@
     of every image (the fill, timed on its own), and each step reads its features instead of running it.
 Both compute the same objective (train.make_loss_fn) on synthetic uint8 images of CIFAR shape.
 """
-import argparse
 import itertools
 import os
 import sys
@@ -23,6 +22,7 @@ import traceback
 import torch
 from PIL import Image
 
+import cli
 import data
 import teachers
 import train
@@ -110,19 +110,18 @@ def time_pipeline(args, method, pipeline, images, labels):
     return (time.perf_counter() - started) / args.steps, warmup, fill_s
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """--help shows the module docstring as written (its example commands) and every flag's default: both of a
-    device-sized one (None until parse_args sets it), and none where the help text says it ("(default: None)")."""
+class HelpFormatter(cli.HelpWithDefaults):
+    """cli's --help, with both defaults of a device-sized flag (None until parse_args sets it)."""
 
     def _get_help_string(self, action):
         if action.dest in SIZED_DEFAULTS:
             on_cuda, on_cpu = SIZED_DEFAULTS[action.dest]
             return f"{action.help} (default: {on_cuda:,} on CUDA, {on_cpu:,} on the CPU)"
-        return action.help if action.default is None else super()._get_help_string(action)
+        return super()._get_help_string(action)
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p = cli.Parser(prog="python bench.py", description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--teacher", default="resnet32x4", choices=train.models.MODEL_NAMES, metavar="NAME",
                    help="teacher architecture (random weights: timing only)")
     p.add_argument("--student", default="resnet8x4", choices=train.models.MODEL_NAMES, metavar="NAME",

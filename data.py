@@ -89,7 +89,8 @@ def fetch_archive(root):
         with urllib.request.urlopen(ARCHIVE_URL, timeout=60) as response, open(partial, "wb") as f:
             shutil.copyfileobj(response, f)
     except BaseException as error:  # a Ctrl-C too: no half-downloaded file or new empty folder stays behind
-        partial.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # missing, or below a file
+            partial.unlink()
         for folder in made:
             with contextlib.suppress(OSError):
                 folder.rmdir()

@@ -26,7 +26,7 @@ import data
 PRECISIONS = ("bf16", "fp16", "fp32")
 NATIVE_BF16, TRITON = (8, 0), (7, 0)  # the compute capabilities each needs
 # what a CPU runs instead of the recipe: a short real-data experiment (the README's "No GPU?" line)
-CPU_EXPERIMENT = "python train.py --teacher resnet20 --student resnet8 --train-subset 10000 --epochs 15"
+CPU_EXPERIMENT = "python train.py --teacher resnet20 --student resnet8 --train-subset 10000 --epochs 10"
 
 
 def check(device):
@@ -79,6 +79,8 @@ def choose(device, args):
         default = {"precision": "bf16" if capability >= NATIVE_BF16 else "fp16", "compile": capability >= TRITON,
                    "channels_last": True, "fused_sgd": True}
     chosen = {key: default[key] if asked.get(key) is None else asked[key] for key in default}
+    if args.cuda_graphs and not (capability and chosen["compile"]):
+        sys.exit("error: --cuda-graphs needs a CUDA device and --compile (it replays the compiled step)")
     chosen.update(device_name=name, capability=None if capability is None else "%d.%d" % capability)
     where = name if capability is None else f"{name} (compute capability {chosen['capability']})"
     precision = {"bf16": "bf16 autocast", "fp16": "fp16 autocast with loss scaling", "fp32": "fp32"}[chosen["precision"]]
@@ -136,10 +138,11 @@ def advise_cpu(config, teacher_config, step_seconds):
     steps = config["epochs"] * -(-images // config["batch_size"])
     seconds = [step_seconds(part) * steps for part, _ in parts]
     plan = ", then ".join(f"{what} ({duration(s)})" for (_, what), s in zip(parts, seconds))
-    print(f"warning: no CUDA device: on this CPU the job needs about {duration(sum(seconds))} ({plan}, "
-          f"{config['epochs']} epochs each, at the pace of a few steps timed here)"
-          + (f". A CPU suits a short real-data experiment instead (the README's 'No GPU?'): {CPU_EXPERIMENT}"
-             if sum(seconds) > 6 * 3600 else ""), flush=True)
+    long = sum(seconds) > 6 * 3600
+    print(f"{'warning' if long else 'note'}: no CUDA device: on this CPU the job needs about {duration(sum(seconds))}"
+          f" ({plan}, {config['epochs']} epochs{' each' if len(parts) > 1 else ''}, at the pace of a few steps timed "
+          f"here)" + (f". A CPU suits a short real-data experiment instead (the README's 'No GPU?'): {CPU_EXPERIMENT}"
+                      if long else ""), flush=True)
 
 
 def cudagraph_skips():

@@ -10,7 +10,6 @@ fake, fake-full) test the code, not the method: they are counted but left out un
 The figure, curves.png, has a colour per row: test accuracy and loss terms per epoch and, in two panels below them
 (no separate file), the spectrum of the projector of the rows that have one (srd): FIGURE, below, in report.md too.
 """
-import argparse
 import csv
 import json
 import math
@@ -25,6 +24,8 @@ matplotlib.use("Agg")  # files only: no display is needed, or present on a train
 import matplotlib.pyplot as plt
 from matplotlib.ticker import MaxNLocator
 import numpy as np
+
+import cli
 
 # Keys of config.json that never split a group: the seed (what a row averages over), where the data and the teacher's
 # file live (the teacher is told apart by its file's sha256), and the speed switches, which change at most the order
@@ -319,7 +320,7 @@ def select(runs, unfinished, args):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = cli.Parser(prog="python report.py", description=__doc__)
     p.add_argument("runs_dirs", nargs="*", type=Path, default=[Path("runs")], metavar="RUNS_DIR",
                    help="folders searched, at any depth, for run folders (default runs/); their runs are pooled")
     p.add_argument("--out", type=Path, help="folder for report.md, report.csv, curves.png (default the first RUNS_DIR)")

@@ -1,44 +1,35 @@
 """A run's bookkeeping: its folder, its records and its refusals. A reader of the training loop may skip this file.
 
 A run folder (runs/<teacher>-<student>-<method>-seed<k>/, runs/<student>/ for a model trained alone; below
-runs/<dataset>/ for synthetic data and runs/.../subset<N>/ for a --train-subset run) holds
-
-    config.json   the resolved configuration, written when the run starts
-    log.csv       one row per completed epoch (LOG_COLUMNS)
-    last.pt       the newest epoch's checkpoint: {"model": state_dict, "epoch", "accuracy", ...} (the published
-                  layout, so other codebases load it) plus the projector, optimizer, loss-scaler, loader and RNG
-                  states and the configuration it was trained with
-    best.pt       the same, of the epoch with the highest test accuracy
-    summary.json  last- and best-epoch accuracy, the teacher's, the wall time: written when the last epoch is done
-    .lock         held by the one process training into the folder; empty once it ended cleanly
-
-The promises, each with its test in test_failures.py or test_train.py:
-1. One paragraph for every refusal: a bad flag, a damaged file, a folder that cannot be written, a full disk each
-   stop with one paragraph on stderr saying what failed, what is intact and the way out, a non-zero exit, and no
-   traceback. Flags are checked before anything is loaded, the folder before anything is written (it, or its
-   nearest existing parent, must take a new file, and every file the run will replace must be writable), and a
-   failed start leaves no folder behind.
-2. Nothing is overwritten. A new run refuses a folder holding results (pass --resume, or another --out).
-3. One process per folder: an exclusive flock on .lock, held for the run's life; the file names the holder (process
-   and host) for the refusal. The operating system releases a flock when its process dies, however it dies, so a
-   killed run's folder is free again (its stale .lock text earns a note). No locks on Windows: a warning says so.
-4. No half-written file: every file is written to a .tmp and renamed over the old one (os.replace), so a kill at
-   any moment leaves the previous version, and a failed write or rename (a full disk, an immutable file) leaves
-   no .tmp behind.
-5. An epoch is saved whole: its log row, best.pt, last.pt and printed line are written with Ctrl-C and SIGTERM
-   deferred to the end of the block. The row goes first: a kill before last.pt leaves a row that --resume drops,
-   never a checkpoint without its row. Before anything is written, the epoch's mean losses and every weight and
-   buffer of the student and projector are checked: a non-finite value stops the run, and a checkpoint is called
-   good only after its own values are checked.
-6. Ctrl-C and SIGTERM (what schedulers and `timeout` send before SIGKILL) stop the same way, at once: the message
-   names the last complete epoch and the command that resumes, and the exit status is 128 + the signal (130, 143).
+runs/<dataset>/ for synthetic data, runs/.../subset<N>/ for --train-subset) holds config.json (the resolved
+configuration), log.csv (a row per epoch: LOG_COLUMNS), last.pt (the newest epoch's checkpoint: the published layout
+{"model": state_dict, "epoch", "accuracy"}, which other codebases load, plus the projector, optimizer, loss-scaler,
+loader and RNG states and the configuration it was trained with), best.pt (the same, of the best test accuracy),
+summary.json (last- and best-epoch accuracy, the teacher's, the wall time) and .lock. The promises, each tested in
+test_failures.py or test_train.py:
+1. One paragraph for every refusal. A bad flag, a damaged file, a folder that cannot be written, a full disk: each
+   stops with one paragraph on stderr (what failed, what is intact, the way out), a non-zero exit, no traceback.
+   Flags are checked before anything is loaded; the folder before anything is written (it, or its nearest
+   existing parent, must take a new file, and every file the run will replace must be writable); a failed start
+   leaves no folder behind.
+2. Nothing is overwritten: a new run refuses a folder holding results (pass --resume, or another --out).
+3. One process per folder: an exclusive flock on .lock for the run's life, the file naming its holder (process,
+   host). The system releases a flock when its process dies, however it dies, so a killed run's folder is free
+   again (its stale .lock text earns a note). Windows has no flock: a warning says so.
+4. No half-written file: every file is written to a .tmp and renamed over the old one, so a kill at any moment
+   leaves the previous version, and a failed write or rename (a full disk, an immutable file) leaves no .tmp.
+5. An epoch is saved whole: its log row, best.pt, last.pt and printed line, with Ctrl-C and SIGTERM deferred to the
+   end. The row goes first: a kill before last.pt leaves a row that --resume drops, never a checkpoint without its
+   row. Before that, the epoch's mean losses and every weight and buffer are checked: a non-finite value stops the
+   run, and a checkpoint is called good only once its own values are checked.
+6. Ctrl-C and SIGTERM (what schedulers and `timeout` send before SIGKILL) stop alike, at once: the message names the
+   last complete epoch and the command that resumes; the exit status is 128 + the signal (130, 143).
 7. --resume continues exactly: model, projector, optimizer, loss scaler, epoch, best accuracy, the loader's
-   generator and the CPU (and CUDA) RNG states come back, so on the CPU a resumed run equals an uninterrupted one
-   bit for bit. The configuration is the one last.pt was trained with (config.json where an older last.pt has no
-   record; which file was trusted is said when they disagree or one is missing). A flag that would change what
-   the run computes is refused by name (RESUME_MAY_CHANGE lists those that may change). A damaged last.pt is
-   named with what is intact; where last.pt is missing but best.pt holds a full checkpoint, the message says how
-   to resume from it.
+   generator and the RNG states come back, so on the CPU a resumed run equals an uninterrupted one bit for bit. The
+   configuration is the one last.pt was trained with (config.json for an older last.pt, which has none; a note says
+   which file was trusted when they disagree or one is missing). A flag that would change what the run computes is
+   refused by name (RESUME_MAY_CHANGE may change). A damaged last.pt is named with what is intact, and a missing one
+   with how to resume from a full best.pt.
 """
 import argparse
 import contextlib
@@ -88,40 +79,6 @@ def flag(key):
 
 # ---- the command line ------------------------------------------------------------------------------------------
 
-class Parser(argparse.ArgumentParser):
-    """argparse with every default in --help, and a one-line error instead of the whole usage block."""
-
-    def __init__(self, **kwargs):
-        super().__init__(formatter_class=DefaultsShown, **kwargs)
-
-    def error(self, message):
-        self.exit(2, f"error: {message} ({self.prog} --help lists every flag)\n")
-
-
-class DefaultsShown(argparse.ArgumentDefaultsHelpFormatter):
-    def _get_help_string(self, action):  # no "(default: None)" where a default is derived (the help says how)
-        return action.help if action.default in (None, False) else super()._get_help_string(action)
-
-
-def number(kind=float, minimum=None, above=False, maximum=None, why=""):
-    """argparse type: a finite int or float, at least (with above: more than) minimum and at most maximum; nan and
-    inf are refused by name, since they pass every "> 0" check."""
-    def parse(text):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
-        if not math.isfinite(value):
-            raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
-        if minimum is not None and (value <= minimum if above else value < minimum) or \
-                maximum is not None and value > maximum:
-            bounds = f"{'more than' if above else 'at least'} {minimum}" if minimum is not None else ""
-            bounds += (" and " if bounds and maximum is not None else "") + (f"at most {maximum}" if maximum else "")
-            raise argparse.ArgumentTypeError(f"must be {bounds}{why}, got {text}")
-        return value
-    return parse
-
-
 def add_flags(parser):
     """--out and --resume: where a run goes, and continuing one."""
     parser.add_argument("--out", help="run folder (default runs/<student> or runs/<teacher>-<student>-<method>-seed<k>)")
@@ -136,20 +93,6 @@ def given_flags(parser, argv, args):
     unset = object()
     given = parser.parse_args(argv, argparse.Namespace(**{key: unset for key in vars(args)}))
     return {"precision" if key == "bf16" else key for key, value in vars(given).items() if value is not unset}
-
-
-def resumes(out, config, teacher_config):
-    """Whether --resume continues the run in `out`. Not where it has no checkpoint yet because the job stopped in its
-    first part, this project's own run of the teacher: the job resumes there, and the distillation then starts (it
-    has nothing to continue). Elsewhere a missing checkpoint is refused, by check_folder."""
-    if (out / "last.pt").exists() or not config["teacher"] or config["teacher_ckpt"]:
-        return True
-    teacher_folder = default_folder(teacher_config)
-    if not (teacher_folder / "last.pt").exists() or (teacher_folder / "summary.json").exists():
-        return True
-    print(f"note: {out} has no checkpoint yet: the job resumes with its first part, the teacher run in "
-          f"{teacher_folder}")
-    return False
 
 
 def recorded_identity(folder):
@@ -357,8 +300,6 @@ def checkpoint(config, epoch, accuracy, best, wall_time_s, student, distill, opt
 def non_finite(*states):
     """Names of the floating-point tensors of the state_dicts `states` holding inf or NaN (one host sync in all)."""
     tensors = {name: t for state in states for name, t in state.items() if t.is_floating_point()}
-    if not tensors:
-        return []
     finite = torch.stack([torch.isfinite(t).all() for t in tensors.values()]).tolist()
     return [name for name, ok in zip(tensors, finite) if not ok]
 
@@ -395,24 +336,17 @@ def save_epoch(out, row, checkpoint, is_best, resume_command):
     except (OSError, ValueError) as error:  # ValueError: a log.csv damaged while the run trained
         free = shutil.disk_usage(out).free / 2 ** 20
         sys.exit(f"error: could not save epoch {row['epoch']} in {out} ({getattr(error, 'strerror', None) or error}; "
-                 f"{free:.1f} MB free "
-                 f"on its disk). {what_is_intact(out)}. Free some space (or make the folder writable) and continue "
-                 f"with: {resume_command}")
+                 f"{free:.1f} MB free on its disk). {what_is_intact(out)}. Free some space (or make the folder "
+                 f"writable) and continue with: {resume_command}")
 
 
 def start(out, config, resume, student, distill, optimizer, loader, scaler):
     """A new run's empty log, or a resumed run's states restored (promise 7); then config.json. Returns the epoch to
     start from, the best so far, the wall time already spent and the last checkpoint (None for a new run)."""
-    progress = (1, {"accuracy": -1.0, "epoch": 0}, 0.0, None)
-    if resume:
-        progress = restore(out, config, student, distill, optimizer, loader, scaler)
-    else:
+    if not resume:
         write_log(out, [])
-    save_json(config, out / "config.json")
-    return progress
-
-
-def restore(out, config, student, distill, optimizer, loader, scaler):
+        save_json(config, out / "config.json")
+        return 1, {"accuracy": -1.0, "epoch": 0}, 0.0, None
     last = read_checkpoint(out, config["student"])
     if last["epoch"] > config["epochs"]:
         sys.exit(f"error: {out} has completed {last['epoch']} epochs; --epochs {config['epochs']} would end it "
@@ -441,6 +375,7 @@ def restore(out, config, student, distill, optimizer, loader, scaler):
     if rows is None:
         print(f"note: {out / 'log.csv'} is missing: the resumed log starts at epoch {start_epoch}")
     write_log(out, [row for row in rows or [] if row["epoch"] < start_epoch])  # rows after the checkpoint go
+    save_json(config, out / "config.json")
     print(f"resuming {out} at epoch {start_epoch}" if start_epoch <= config["epochs"] else
           f"{out} has completed its {config['epochs']} epochs: nothing to train (give --epochs to extend it)")
     return start_epoch, last["best"], last["wall_time_s"], last
@@ -499,7 +434,7 @@ def recorded_config(out, checkpoint, required):
         return {**LATER_KEYS, **saved}, ""
     if problem:
         return record, f"note: {problem}: the configuration recorded in last.pt is used"
-    differing = sorted(key for key in set(saved) | set(record) if key not in LATER_KEYS
+    differing = sorted(key for key in set(saved) | set(record) if key not in (*LATER_KEYS, *RESUME_MAY_CHANGE)
                        and saved.get(key) != record.get(key))
     if differing:
         return record, (f"note: {out / 'config.json'} differs from the configuration last.pt was trained with "

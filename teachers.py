@@ -55,8 +55,10 @@ def teacher_file(config, teacher_config, train):
     try:  # what the folder's run recorded: a teacher of other data there (moved by hand?) is not this job's
         recorded = runs.read_json(folder / "config.json") if (folder / "config.json").exists() else {}
         finished = (folder / "summary.json").exists()
-        trained = int(runs.read_json(folder / "summary.json", ("last_epoch",))["last_epoch"]) if finished else 0
-    except (ValueError, TypeError) as error:
+        trained = runs.read_json(folder / "summary.json", ("last_epoch",))["last_epoch"] if finished else 0
+        if not isinstance(trained, int):
+            raise ValueError(f"{folder / 'summary.json'}: last_epoch is {trained!r}, not a number of epochs")
+    except ValueError as error:
         sys.exit(f"error: the teacher run this job would reuse is damaged: {error}. Move {folder} away to train a "
                  f"new teacher, or pass --teacher-ckpt")
     for key in ("dataset", "train_subset"):
@@ -80,10 +82,26 @@ def teacher_file(config, teacher_config, train):
     return folder / "last.pt"
 
 
+def resumes(out, config, teacher_config):
+    """Whether --resume continues the run in `out`. Not where it has no checkpoint yet because the job stopped in its
+    first part, this project's own run of the teacher: the job resumes there, and the distillation then starts (it
+    has nothing to continue). Elsewhere a missing checkpoint is refused, by check_folder."""
+    if (out / "last.pt").exists() or not config["teacher"] or config["teacher_ckpt"]:
+        return True
+    teacher_folder = runs.default_folder(teacher_config)
+    if not (teacher_folder / "last.pt").exists() or (teacher_folder / "summary.json").exists():
+        return True
+    print(f"note: {out} has no checkpoint yet: the job resumes with its first part, the teacher run in "
+          f"{teacher_folder}")
+    return False
+
+
 def to_train(config, teacher_config):
-    """Whether this job trains its teacher first (for the CPU's duration estimate; nothing is read but the folder)."""
-    return bool(config["teacher"] and not config["teacher_ckpt"] and not config.get("teacher_sha256")
-                and not (runs.default_folder(teacher_config) / "summary.json").exists())
+    """teacher_config where this job trains its teacher first, else None (for the CPU's duration estimate)."""
+    if config["teacher"] and not config["teacher_ckpt"] and not config.get("teacher_sha256") and \
+            not (runs.default_folder(teacher_config) / "summary.json").exists():
+        return teacher_config
+    return None
 
 
 def load(config, path, datasets):

@@ -2,7 +2,7 @@
 
 The notebook's own asserts are the checks (each derivation against autograd and losses.py); this test only executes
 its code cells in order, in one namespace, as a script would. Its real-data cells (sections 5.1, 5.2, 7.1) look for
-CIFAR-100 in $CIFAR100_DATA_DIR when set, else in ./data, else in ../shared/data's archive, and print why they skip
+CIFAR-100 in $CIFAR100_DATA_DIR when set, else in ./data, and print why they skip
 when there is none.
 """
 import json

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+import cli
 import data
 import devices
 import losses
@@ -30,8 +31,8 @@ METHODS = ("srd", "kd", "none")
 
 def parse_args(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
-    positive, non_negative, count = runs.number(minimum=0, above=True), runs.number(minimum=0), runs.number(int, 1)
-    p = runs.Parser(prog="python train.py", description=__doc__.split("\n")[0])
+    positive, non_negative, count = cli.number(minimum=0, above=True), cli.number(minimum=0), cli.number(int, 1)
+    p = cli.Parser(prog="python train.py", description=__doc__.split("\n")[0])
     p.add_argument("--student", choices=models.MODEL_NAMES, metavar="NAME", help="model to train (required, but "
                    "a resumed run's folder records it): " + ", ".join(models.MODEL_NAMES))
     p.add_argument("--teacher", choices=models.MODEL_NAMES, metavar="NAME", help="teacher to distil from (same names)")
@@ -50,10 +51,10 @@ def parse_args(argv=None):
     p.add_argument("--epochs", type=count, help="epochs (default 240; with --resume: where the run ends)")
     p.add_argument("--milestones", type=count, nargs="*", help="epochs after which lr drops x0.1 (default 5/8, 6/8 "
                    "and 7/8 of --epochs, rounded down: 150 180 210 for 240)")
-    p.add_argument("--batch-size", type=runs.number(int, 2, why=" (BatchNorm needs batch statistics)"), default=64)
+    p.add_argument("--batch-size", type=cli.number(int, 2, why=" (BatchNorm needs batch statistics)"), default=64)
     p.add_argument("--lr", type=positive, help=f"initial lr (default 0.05; 0.01 for {', '.join(SMALL_LR)})")
     p.add_argument("--weight-decay", type=non_negative, default=5e-4, help="SGD weight decay, on every parameter")
-    p.add_argument("--seed", type=runs.number(int, 0, maximum=2 ** 63 - 1), default=0,
+    p.add_argument("--seed", type=cli.number(int, 0, maximum=2 ** 63 - 1), default=0,
                    help="seed of initialisation and data order")
     data.add_flags(p, count)  # --dataset, --train-subset, --data-dir, --no-download
     runs.add_flags(p)  # --out, --resume
@@ -84,8 +85,7 @@ def default_lr(student):
 
 
 def resolve_config(args):
-    """Everything a run depends on, as saved in config.json (the defaults are the paper's recipe); args.device_lines
-    say what the device gets and why."""
+    """Everything a run depends on, as config.json records it (the defaults: the paper's recipe, and devices.py's)."""
     if args.device:
         devices.check(args.device)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -103,8 +103,6 @@ def resolve_config(args):
         teacher_ckpt=str(Path(args.teacher_ckpt).resolve()) if args.teacher_ckpt else None,  # resumable from anywhere
         **speed,
     )
-    if config["cuda_graphs"] and not (device.startswith("cuda") and config["compile"]):
-        sys.exit("error: --cuda-graphs needs a CUDA device and --compile (it replays the compiled step)")
     return config
 
 
@@ -222,7 +220,7 @@ def train_step(loss_fn, optimizer, scaler, images, labels, config, teacher_featu
 
 def train_one_epoch(loss_fn, optimizer, scaler, loader, config, teacher_cache=None):
     """One pass over the training set: the mean loss terms (ce, feat, kd, total), train accuracy (%) and the number
-    of steps the loss scaler skipped. teacher_cache: a data.TeacherCache, with a loader that names its views."""
+    of steps the loss scaler skipped. teacher_cache: a teachers.TeacherCache (the loader then names its views)."""
     sums = torch.zeros(4, device=config["device"])  # summed over samples on the device: no sync per step
     counts = torch.zeros(2, dtype=torch.long, device=config["device"])  # correct samples, skipped steps
     for images, labels, *drawn in loader:
@@ -236,8 +234,7 @@ def train_one_epoch(loss_fn, optimizer, scaler, loader, config, teacher_cache=No
 
 @torch.no_grad()
 def evaluate(model, loader, config):
-    """Top-1 accuracy (%) in eval mode (BatchNorm running statistics) without autocast (on CUDA, cuDNN's default
-    TF32 for float32 convolutions), one sync at the end."""
+    """Top-1 accuracy (%) in eval mode (BatchNorm's running statistics), without autocast, one sync at the end."""
     was_training = model.training
     model.eval()
     correct = torch.zeros((), dtype=torch.long, device=config["device"])
@@ -319,8 +316,7 @@ def fit(config, out, resume, teacher, datasets):
 
 
 def step_seconds(config):
-    """One training step's time on config's device: the second of two steps on random images, models freshly built
-    (the global RNG is left as it was)."""
+    """One training step's time here: the second of two, on random images (the global RNG is left as it was)."""
     with torch.random.fork_rng(devices=[]):
         teacher = build_on_device(config["teacher"], config).eval() if config["teacher"] else None
         student, distill, optimizer = build_student(config, teacher)
@@ -336,14 +332,13 @@ def main(argv=None):
     args = parse_args(argv)
     config = resolve_config(args)
     out = Path(args.resume if isinstance(args.resume, str) else args.out or runs.default_folder(config))
-    resume = bool(args.resume) and runs.resumes(out, config, teacher_training_config(config))
+    resume = bool(args.resume) and teachers.resumes(out, config, teacher_training_config(config))
     if resume:
         config = runs.resumed_config(config, out, args.given, runs.read_checkpoint(out, None))
     print("\n".join(args.device_lines))
     teachers.check_checkpoint(config)  # --teacher-ckpt: fail fast, before any data is downloaded or folder made
     if config["device"] == "cpu" and not resume:  # before any heavy work: how long, and what to run instead
-        teacher_config = teacher_training_config(config)
-        devices.advise_cpu(config, teacher_config if teachers.to_train(config, teacher_config) else None, step_seconds)
+        devices.advise_cpu(config, teachers.to_train(config, teacher_training_config(config)), step_seconds)
     try:
         return run(config, out, resume)
     except KeyboardInterrupt:  # before a run folder was claimed (a run's own interrupt exits inside run)

@@ -1,0 +1,41 @@
+"""The command line that train.py, bench.py and report.py share: a one-line error instead of argparse's usage block,
+every default in --help, and number types that refuse nan, inf and out-of-range values by name. No torch here:
+report.py runs without it."""
+import argparse
+import math
+
+
+class HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """--help: the description as written (its example commands), and each flag's default where it has one."""
+
+    def _get_help_string(self, action):  # none where the help says it, or the default is derived ("None")
+        if action.default in (None, False) or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+class Parser(argparse.ArgumentParser):
+    def __init__(self, **kwargs):
+        super().__init__(**{"formatter_class": HelpWithDefaults, **kwargs})
+
+    def error(self, message):  # one line, not the 15-line usage block that buries it
+        self.exit(2, f"error: {message} ({self.prog} --help lists every flag)\n")
+
+
+def number(kind=float, minimum=None, above=False, maximum=None, why=""):
+    """argparse type: a finite int or float, at least (with above: more than) minimum and at most maximum; nan and
+    inf are refused by name, since they pass every "> 0" check."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+        if minimum is not None and (value <= minimum if above else value < minimum) or \
+                maximum is not None and value > maximum:
+            bounds = f"{'more than' if above else 'at least'} {minimum}" if minimum is not None else ""
+            bounds += (" and " if bounds and maximum is not None else "") + (f"at most {maximum}" if maximum else "")
+            raise argparse.ArgumentTypeError(f"must be {bounds}{why}, got {text}")
+        return value
+    return parse

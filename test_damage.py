@@ -1,0 +1,287 @@
+"""A run folder damaged the ways real ones are over weeks (a file deleted or edited by hand, a disk that fills, a sync
+tool that truncates, an immutable file): one paragraph, nothing lost, never a silent change of the experiment."""
+import errno
+import json
+import os
+import pickle
+import shutil
+import signal
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+import data
+import models
+import runs
+import train
+from test_failures import exit_message, snapshot, write_batch, pixels
+
+PROJECT = Path(__file__).resolve().parent
+TINY = ["--student", "resnet8", "--dataset", "fake", "--device", "cpu"]
+
+
+@pytest.fixture(autouse=True)
+def small_fake_data(monkeypatch):
+    monkeypatch.setitem(data.FAKE_SIZES, "fake", (64, 50))  # an epoch in a fraction of a second
+
+
+@pytest.fixture
+def run(tmp_path):
+    """A finished one-epoch run, without its summary: resumable to --epochs 2."""
+    folder = tmp_path / "run"
+    train.main([*TINY, "--epochs", "1", "--out", str(folder)])
+    (folder / "summary.json").unlink()
+    return folder
+
+
+def refused_unchanged(argv, folder, resumed=False):
+    """The refusal's message, checking that nothing in folder changed (but config.json, which a resumed run rewrites
+    with its new --epochs before its first epoch, and only in that)."""
+    before = snapshot(folder)
+    recorded = json.loads((folder / "config.json").read_text()) if resumed else None
+    message = exit_message(argv)
+    after = snapshot(folder)
+    if resumed:
+        del before["config.json"], after["config.json"]
+        assert dict(json.loads((folder / "config.json").read_text()), epochs=recorded["epochs"]) == recorded
+    assert after == before and not list(folder.glob("*.tmp"))
+    return message
+
+
+# ---- 1. the configuration a run was trained with ---------------------------------------------------------------
+
+def test_without_config_json_the_checkpoint_s_record_is_checked(run, capsys):
+    (run / "config.json").unlink()
+    message = refused_unchanged([*TINY, "--resume", "--out", str(run), "--lr", "0.2", "--epochs", "2"], run)
+    assert "was run with --lr 0.05; this command asks for --lr 0.2" in message
+    assert "config.json is missing" in capsys.readouterr().out  # which file was trusted
+    assert train.main(["--resume", str(run), "--epochs", "2"])["last_epoch"] == 2
+    assert json.loads((run / "config.json").read_text())["lr"] == 0.05  # rewritten from the record
+    assert [float(row["lr"]) for row in runs.logged_rows(run)] == [0.05, pytest.approx(5e-5)]
+
+
+def test_a_config_json_edited_by_hand_does_not_change_the_experiment(run, capsys):
+    (run / "config.json").write_text(json.dumps(dict(json.loads((run / "config.json").read_text()), lr=0.2)))
+    train.main(["--resume", str(run), "--epochs", "2"])
+    assert "differs from the configuration last.pt was trained with (lr): last.pt's record is trusted" in \
+        capsys.readouterr().out
+    assert json.loads((run / "config.json").read_text())["lr"] == 0.05
+
+
+@pytest.mark.parametrize("content, says", [("[]", "is not a JSON object"), ('{"student": "resnet8"}', "lacks"),
+                                           (None, "is missing")])
+def test_an_older_checkpoint_without_a_record_needs_a_whole_config_json(content, says, run):
+    checkpoint = torch.load(run / "last.pt", weights_only=True)
+    del checkpoint["config"]  # as train.py wrote checkpoints before they carried it
+    torch.save(checkpoint, run / "last.pt")
+    (run / "config.json").unlink() if content is None else (run / "config.json").write_text(content)
+    message = refused_unchanged([*TINY, "--resume", "--out", str(run), "--epochs", "2"], run)
+    assert says in message and "records no configuration" in message
+
+
+# ---- 2. a checkpoint called good must be good ------------------------------------------------------------------
+
+def poison_after(monkeypatch, epochs):
+    """After the first `epochs` epochs of a (resumed) run, an infinite BatchNorm running variance in the student, as a
+    diverging run can leave while its mean loss stays finite."""
+    students, done = [], []
+    real_build, real_epoch = train.build_student, train.train_one_epoch
+
+    def build_and_keep(*args, **kwargs):
+        built = real_build(*args, **kwargs)
+        students.append(built[0])
+        return built
+
+    def epoch_then_poison(*args, **kwargs):
+        result = real_epoch(*args, **kwargs)
+        done.append(1)
+        if len(done) >= epochs:
+            students[-1].bn1.running_var.fill_(float("inf"))
+        return result
+
+    monkeypatch.setattr(train, "build_student", build_and_keep)
+    monkeypatch.setattr(train, "train_one_epoch", epoch_then_poison)
+
+
+def test_non_finite_buffers_stop_the_run_before_the_checkpoint(run, monkeypatch):
+    poison_after(monkeypatch, 1)
+    message = refused_unchanged(["--resume", str(run), "--epochs", "2"], run, resumed=True)
+    assert "non-finite weights or buffers after epoch 2 (1: bn1.running_var), though its mean loss is finite" in message
+    assert f"{run / 'last.pt'} (epoch 1) is the last good checkpoint (its values checked)" in message
+    assert torch.load(run / "last.pt", weights_only=True)["epoch"] == 1
+
+
+def test_a_checkpoint_holding_non_finite_values_is_not_called_good(run, monkeypatch):
+    checkpoint = torch.load(run / "last.pt", weights_only=True)
+    checkpoint["model"]["bn1.running_var"].fill_(float("inf"))  # as a train.py that checked only the losses saved it
+    torch.save(checkpoint, run / "last.pt")
+    poison_after(monkeypatch, 1)
+    message = refused_unchanged(["--resume", str(run), "--epochs", "2"], run, resumed=True)
+    assert "(epoch 1) holds non-finite values too" in message and "last good" not in message
+
+
+# ---- 3, 4. a full disk, an immutable file -----------------------------------------------------------------------
+
+def test_a_full_disk_stops_with_one_paragraph_and_the_way_back(tmp_path, monkeypatch):
+    real_save = torch.save
+
+    def disk_fills_at_last_pt(obj, path, *args, **kwargs):
+        if str(path).endswith("last.pt.tmp"):
+            Path(path).write_bytes(b"the first bytes")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", disk_fills_at_last_pt)
+    folder = tmp_path / "run"
+    message = exit_message([*TINY, "--epochs", "1", "--out", str(folder)])
+    assert f"could not save epoch 1 in {folder} (No space left on device; " in message and "MB free on its disk" in message
+    assert "best.pt (epoch 1," in message and "holds a full checkpoint: copy it over last.pt" in message
+    assert f"continue with: python train.py --resume {folder}" in message
+    assert not list(folder.glob("*.tmp")) and not (folder / "last.pt").exists()
+    monkeypatch.setattr(torch, "save", real_save)  # space freed; last.pt is still missing
+    message = exit_message(["--resume", str(folder)])
+    assert f"no checkpoint file at {folder / 'last.pt'}" in message and "copy it over last.pt" in message
+    shutil.copy(folder / "best.pt", folder / "last.pt")  # as the message says
+    assert train.main(["--resume", str(folder), "--epochs", "2"])["last_epoch"] == 2
+
+
+def make_immutable(path):
+    """chattr +i as root (who writes through permission bits), else chmod; False where neither stops a write."""
+    if os.geteuid() == 0:
+        if subprocess.run(["chattr", "+i", str(path)], capture_output=True).returncode != 0:
+            return False
+    else:
+        os.chmod(path, 0o444)
+    return not os.access(path, os.W_OK)
+
+
+def test_a_file_the_run_cannot_replace_is_refused_before_training(run):
+    if not make_immutable(run / "last.pt"):
+        pytest.skip("cannot make a file immutable here")
+    try:
+        message = refused_unchanged(["--resume", str(run), "--epochs", "2"], run)
+        assert "last.pt cannot be replaced: read-only or immutable" in message and "nothing was written" in message
+    finally:
+        subprocess.run(["chattr", "-i", str(run / "last.pt")], capture_output=True)
+        os.chmod(run / "last.pt", 0o644)
+
+
+def test_a_failed_rename_leaves_no_tmp(tmp_path, monkeypatch):
+    def replace_fails(source, target):
+        raise PermissionError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(runs.os, "replace", replace_fails)
+    with pytest.raises(PermissionError):
+        runs.save_atomically("text", tmp_path / "config.json")
+    assert list(tmp_path.iterdir()) == []
+
+
+# ---- 5. one paragraph where a traceback was ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("content", [b"garbage, not a log\n\x00\x01", b"\xff\xfe\x00binary"])
+def test_a_damaged_log_is_refused_not_overwritten(content, run):
+    (run / "log.csv").write_bytes(content)
+    message = refused_unchanged(["--resume", str(run), "--epochs", "2"], run)
+    assert "log.csv is unreadable" in message and "its epochs would be lost" in message
+
+
+def test_a_missing_log_is_said_and_the_run_resumes(run, capsys):
+    (run / "log.csv").unlink()
+    assert train.main(["--resume", str(run), "--epochs", "2"])["last_epoch"] == 2
+    assert "log.csv is missing: the resumed log starts at epoch 2" in capsys.readouterr().out
+    assert [row["epoch"] for row in runs.logged_rows(run)] == [2]
+
+
+def test_a_binary_log_beside_a_truncated_checkpoint(run):
+    (run / "log.csv").write_bytes(b"\xff\xfe\x00binary")
+    (run / "last.pt").write_bytes((run / "last.pt").read_bytes()[:100])
+    message = refused_unchanged(["--student", "resnet8", "--resume", "--out", str(run)], run)
+    assert "is not a readable checkpoint" in message and "log.csv is unreadable" in message
+
+
+@pytest.mark.parametrize("content", ['{"last_epoch": 2', '{"student": "resnet8"}', '{"last_epoch": "two"}'])
+def test_a_damaged_teacher_summary_is_named(content, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    train.main([*TINY, "--epochs", "1"])  # the teacher run this job would reuse: runs/fake/resnet8
+    (tmp_path / "runs/fake/resnet8/summary.json").write_text(content)
+    message = exit_message(["--teacher", "resnet8", *TINY, "--epochs", "1"])
+    assert "the teacher run this job would reuse is damaged" in message and "summary.json" in message
+    assert not (tmp_path / "runs/fake/resnet8-resnet8-srd-seed0").exists()
+
+
+def test_a_data_dir_that_is_a_file_or_cannot_be_made(tmp_path, monkeypatch):
+    (tmp_path / "a-file").write_text("")
+    message = exit_message(["--student", "resnet8", "--data-dir", str(tmp_path / "a-file"), "--device", "cpu",
+                            "--out", str(tmp_path / "run")])
+    assert f"--data-dir {tmp_path / 'a-file'} is a file, not a folder" in message
+    monkeypatch.setattr(data.urllib.request, "urlopen", lambda *_, **__: pytest.fail("must not download"))
+    message = exit_message(["--student", "resnet8", "--data-dir", str(tmp_path / "a-file" / "below"), "--device",
+                            "cpu", "--out", str(tmp_path / "run")])
+    assert f"cannot create --data-dir {tmp_path / 'a-file' / 'below'}" in message
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["a-file"]  # no folder, no run
+
+
+# ---- 6. messages that mislead -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("payload, says", [
+    ({b"data": pixels(130), b"fine_labels": [[1]] * 130}, "b'fine_labels' should be a flat list of integers, got an "
+                                                           "array of shape (130, 1)"),
+    ({b"data": pixels(0), b"fine_labels": []}, "it holds no images")])
+def test_cifar_files_are_described_as_they_are(payload, says, tmp_path):
+    write_batch(tmp_path, payload)
+    with pytest.raises(data.DataError, match="is not a CIFAR-100 file") as error:
+        data.load_cifar100(tmp_path, train=True)
+    assert says in str(error.value)
+
+
+def test_a_protocol_2_pickle_with_bytes_loads(tmp_path):
+    """Protocol 2 stores bytes through _codecs.encode (Python 2's pickle.dump, and Python 3's at protocol 2)."""
+    (tmp_path / "cifar-100-python").mkdir()
+    with open(tmp_path / "cifar-100-python" / "train", "wb") as f:
+        pickle.dump({b"data": pixels(3), b"fine_labels": [7, 8, 9], b"batch_label": b"training batch"}, f, protocol=2)
+    assert b"_codecs" in (tmp_path / "cifar-100-python" / "train").read_bytes()
+    assert data.load_cifar100(tmp_path, train=True)[1].tolist() == [7, 8, 9]
+
+
+def test_a_plain_pickle_as_checkpoint_is_one_message_and_no_warning(tmp_path):
+    with open(tmp_path / "plain.pkl", "wb") as f:
+        pickle.dump({"model": [1, 2]}, f)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(models.CheckpointError, match="is not a readable checkpoint"):
+            models.read_checkpoint(tmp_path / "plain.pkl")
+    assert not caught, [str(w.message) for w in caught]
+
+
+def test_a_flag_error_is_one_line(tmp_path):
+    result = subprocess.run([sys.executable, "train.py", "--student", "resnet8", "--lr", "nan"], cwd=PROJECT,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "usage:" not in result.stderr
+    assert result.stderr == "error: argument --lr: 'nan' is not a finite number (python train.py --help lists every " \
+                            "flag)\n"
+
+
+# ---- SIGTERM: the same clean stop as Ctrl-C --------------------------------------------------------------------
+
+def test_sigterm_stops_a_run_as_ctrl_c_does(tmp_path):
+    out = tmp_path / "run"
+    process = subprocess.Popen([sys.executable, "train.py", *TINY, "--epochs", "40", "--out", str(out)], cwd=PROJECT,
+                               text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        for line in process.stdout:  # wait for its first checkpoint
+            if line.startswith("epoch   1/40"):
+                break
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert process.returncode == 143 and "Traceback" not in stderr, stderr
+    epoch = torch.load(out / "last.pt", weights_only=True)["epoch"]
+    assert f"stopped by SIGTERM: epoch {epoch} is the last complete one" in stderr
+    assert f"python train.py --resume {out}" in stderr
+    assert not list(out.glob("*.tmp")) and (out / ".lock").read_text() == ""
+    assert [row["epoch"] for row in runs.logged_rows(out)] == list(range(1, epoch + 1))
