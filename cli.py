@@ -1,7 +1,8 @@
 """The command line that train.py, bench.py and report.py share: a one-line error instead of argparse's usage block,
-every default in --help, and number types that refuse nan, inf and out-of-range values by name. No torch here:
-report.py runs without it."""
+every default in --help, number types that refuse nan, inf and out-of-range values by name, and the run folder's
+JSON records read with one message for each way they can be bad. No torch here: report.py runs without it."""
 import argparse
+import json
 import math
 
 
@@ -39,3 +40,17 @@ def number(kind=float, minimum=None, above=False, maximum=None, why=""):
             raise argparse.ArgumentTypeError(f"must be {bounds}{why}, got {text}")
         return value
     return parse
+
+
+def read_json(path, required=()):
+    """A JSON object from path, or ValueError saying why not (missing, unreadable, not an object, keys missing)."""
+    try:
+        content = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise ValueError(f"{path} is {'missing' if not path.exists() else 'unreadable'} ({error})") from None
+    if not isinstance(content, dict):
+        raise ValueError(f"{path} is not a JSON object")
+    missing = [key for key in required if key not in content]
+    if missing:
+        raise ValueError(f"{path} lacks {', '.join(missing)}")
+    return content

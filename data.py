@@ -85,29 +85,30 @@ def fetch_archive(root):
     made = [folder for folder in (root, *root.parents) if not folder.exists()]
     partial = archive.with_name(archive.name + ".part")
     try:
-        root.mkdir(parents=True, exist_ok=True)
-        with urllib.request.urlopen(ARCHIVE_URL, timeout=60) as response, open(partial, "wb") as f:
-            shutil.copyfileobj(response, f)
-    except BaseException as error:  # a Ctrl-C too: no half-downloaded file or new empty folder stays behind
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise DataError(f"cannot create --data-dir {root} ({error.strerror or error}). " + ways_out(root)) from None
+        try:
+            with urllib.request.urlopen(ARCHIVE_URL, timeout=60) as response, open(partial, "wb") as f:
+                shutil.copyfileobj(response, f)
+        except (OSError, http.client.HTTPException) as error:
+            # no network, DNS, HTTP errors (URLError, HTTPError), timeouts, a connection cut short, a full disk
+            detail = error if isinstance(error, urllib.error.HTTPError) else getattr(error, "reason", error)
+            raise DataError(f"could not download CIFAR-100 from {ARCHIVE_URL} ({detail}). " + ways_out(root)) from None
+        got = digest_of(partial)
+        if got != ARCHIVE_MD5:
+            raise DataError(f"the file downloaded from {ARCHIVE_URL} is corrupt (md5 {got}, expected {ARCHIVE_MD5}); "
+                            f"it was deleted. Try again later. " + ways_out(root))
+        os.replace(partial, archive)
+        return archive
+    except BaseException:  # a Ctrl-C too: no half-downloaded file, and no folder made for it, stays behind
         with contextlib.suppress(OSError):  # missing, or below a file
             partial.unlink()
         for folder in made:
-            with contextlib.suppress(OSError):
+            with contextlib.suppress(OSError):  # not empty: someone else's now
                 folder.rmdir()
-        if isinstance(error, OSError) and not root.exists():
-            raise DataError(f"cannot create --data-dir {root} ({error.strerror or error}). " + ways_out(root)) from None
-        if not isinstance(error, (OSError, http.client.HTTPException)):
-            raise
-        # no network, DNS, HTTP errors (URLError, HTTPError), timeouts, a connection cut short, a full disk
-        detail = error if isinstance(error, urllib.error.HTTPError) else getattr(error, "reason", error)
-        raise DataError(f"could not download CIFAR-100 from {ARCHIVE_URL} ({detail}). " + ways_out(root)) from None
-    got = digest_of(partial)
-    if got != ARCHIVE_MD5:
-        partial.unlink()
-        raise DataError(f"the file downloaded from {ARCHIVE_URL} is corrupt (md5 {got}, expected {ARCHIVE_MD5}); "
-                        f"it was deleted. Try again later. " + ways_out(root))
-    os.replace(partial, archive)
-    return archive
+        raise
 
 
 def load_cifar100(root, train, download=False):

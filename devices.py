@@ -82,14 +82,13 @@ def choose(device, args):
     if args.cuda_graphs and not (capability and chosen["compile"]):
         sys.exit("error: --cuda-graphs needs a CUDA device and --compile (it replays the compiled step)")
     chosen.update(device_name=name, capability=None if capability is None else "%d.%d" % capability)
-    where = name if capability is None else f"{name} (compute capability {chosen['capability']})"
-    precision = {"bf16": "bf16 autocast", "fp16": "fp16 autocast with loss scaling", "fp32": "fp32"}[chosen["precision"]]
+    why_precision = why_compile = ""
     if capability and asked.get("precision") is None:
-        precision += ", bf16 is native here" if chosen["precision"] == "bf16" else ", bf16 is not native here"
-    compiled = "compiled" if chosen["compile"] else "eager"
+        why_precision = ", bf16 is native here" if chosen["precision"] == "bf16" else ", bf16 is not native here"
     if capability and not chosen["compile"] and asked.get("compile") is None:
-        compiled += " (torch.compile's Triton backend needs compute capability 7.0; --compile forces it)"
-    lines.insert(0, f"device: {where}: {precision}; {compiled}")
+        why_compile = " (torch.compile's Triton backend needs compute capability 7.0; --compile forces it)"
+    lines.insert(0, line(chosen, why_precision, why_compile))
+    where = line(chosen).split(": ")[1]
     if capability and chosen["precision"] == "bf16" and capability < NATIVE_BF16:
         lines.append(f"warning: --precision bf16 on {where}, which has no native bf16: torch emulates it, slowly; "
                      f"--precision fp16 (the default here) runs on its tensor cores")
@@ -97,6 +96,13 @@ def choose(device, args):
         lines.append("warning: --precision fp16 on the CPU: torch emulates fp16 there, slower than fp32; it is for "
                      "testing the fp16 path (the CPU's default is --precision fp32)")
     return chosen, lines
+
+
+def line(config, why_precision="", why_compile=""):
+    """What a run's device gets, in one line: "device: Tesla T4 (compute capability 7.5): fp16 autocast ..."."""
+    where = config["device_name"] + (f" (compute capability {config['capability']})" if config["capability"] else "")
+    precision = {"bf16": "bf16 autocast", "fp16": "fp16 autocast with loss scaling", "fp32": "fp32"}[config["precision"]]
+    return f"device: {where}: {precision}{why_precision}; {'compiled' if config['compile'] else 'eager'}{why_compile}"
 
 
 def autocast(config):

@@ -1,14 +1,14 @@
 """Summarise train.py's runs: accuracy over seeds as a Markdown table, and training curves.
 
-    python report.py                                 # every run below runs/: runs/report.md, report.csv, curves.png
+    python report.py                                 # runs below runs/: runs/report.md, report.csv, curves.png, spectrum.png
     python report.py runs/ other/runs/ --out results/   # pool several folders (seeds run on different machines)
     python report.py --synthetic                     # only the synthetic-data runs: runs/synthetic-report.md, ...
 
 Runs whose configurations differ only in the seed (or in where and how fast they ran) make one row: mean and sample
 standard deviation of the test accuracy at the last epoch and at the best epoch. Runs on synthetic data (--dataset
 fake, fake-full) test the code, not the method: they are counted but left out unless --synthetic asks for them alone.
-The figure, curves.png, has a colour per row: test accuracy and loss terms per epoch and, in two panels below them
-(no separate file), the spectrum of the projector of the rows that have one (srd): FIGURE, below, in report.md too.
+The figures have a colour per row: curves.png the test accuracy and loss terms per epoch, spectrum.png the spectrum of
+the projector of the rows that have one (srd): FIGURE, below, in report.md too.
 """
 import csv
 import json
@@ -53,7 +53,7 @@ epoch: the highest test accuracy over all epochs (what DKD and mdistiller report
 flatters). Setting: the flags where a row departs from the paper's recipe, whose arithmetic is float32 (--precision
 fp32). Wall time: mean per run."""
 FIGURE = """curves.png, a colour per row, means over its seeds per epoch: the test accuracy (with a min-max band) and
-each loss term used; below them, for rows whose runs have a projector (srd), the projector's spectrum from log.csv:
+each loss term used. spectrum.png, for rows whose runs have a projector (srd), the projector's spectrum from log.csv:
 how many singular values of each linear layer exceed 1% of its largest, and its effective rank exp(H(s / sum s))."""
 
 
@@ -88,15 +88,9 @@ def number(value, where):
 
 def read_json(path, required):
     try:
-        content = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise BadRun(f"{path}: unreadable ({error})")
-    if not isinstance(content, dict):
-        raise BadRun(f"{path}: not a JSON object")
-    missing = [key for key in required if key not in content]
-    if missing:
-        raise BadRun(f"{path}: no {', '.join(missing)}")
-    return content
+        return cli.read_json(path, required)
+    except ValueError as error:
+        raise BadRun(str(error)) from None
 
 
 def read_log(path):
@@ -254,13 +248,14 @@ def style_legend(axes, styles):
         axes.legend(handles=handles)
 
 
-def plot(groups, path):
-    """FIGURE, into path. Returns the (closed) figure: axes [accuracy, loss, spectrum count, effective rank], each
-    line labelled "<group>: <column>" (accuracy: "<group> (n=<runs>)")."""
+def plot(groups, path, spectrum_path):
+    """FIGURE: the curves into path, the spectrum (where a group has one) into spectrum_path. Returns the (closed)
+    figures, the second None without a spectrum: axes [accuracy, loss] and [count, effective rank], each line
+    labelled "<group>: <column>" (accuracy: "<group> (n=<runs>)")."""
     curves = [mean_curves(runs) for runs in groups]
     spectrum = any(column in series for series in curves for column in SPECTRUM_COLUMNS)
-    figure, axes = plt.subplots(1 + spectrum, 2, figsize=(12, 9 if spectrum else 4.5), squeeze=False)
-    accuracy_axes, loss_axes, *spectrum_axes = axes.flat
+    figure, (accuracy_axes, loss_axes) = plt.subplots(1, 2, figsize=(12, 4.5))
+    spectrum_figure, spectrum_axes = plt.subplots(1, 2, figsize=(12, 4.5)) if spectrum else (None, [])
     shown = [flags(runs[0]["config"]) for runs in groups]
     common = [flag for flag in shown[0] if all(flag in other for other in shown)]  # said once, in the title
     labels = [" ".join([name(runs[0]["config"]), *(f for f in group_flags if f not in common)])
@@ -282,17 +277,23 @@ def plot(groups, path):
     for panel, (what, title) in zip(spectrum_axes, SPECTRUM_PANELS.items()):
         panel.set(xlabel="epoch", ylabel=what, title=f"projector: {title}, mean over seeds")
         style_legend(panel, {f"linear layer {layer[-1]}": style for layer, style in LAYER_STYLES.items()})
-    for panel in axes.flat:
-        panel.xaxis.set_major_locator(MaxNLocator(integer=True))
-    # below the panels: labels can be long
-    figure.legend(handles=accuracy_axes.lines, loc="upper center", bbox_to_anchor=(0.5, 0), fontsize="small")
-    title = (f"Test accuracy, training loss{' and projector spectrum' * spectrum} per epoch, {len(groups)} "
-             f"group{'s' * (len(groups) > 1)}, mean over seeds")
-    figure.suptitle(title + ("\n" + textwrap.fill("all groups: " + " ".join(common), 130) if common else ""))
-    figure.tight_layout()
-    figure.savefig(path, dpi=120, bbox_inches="tight")  # "tight": the figure grows to hold legend and title
-    plt.close(figure)
-    return figure
+    shared = "\n" + textwrap.fill("all groups: " + " ".join(common), 130) if common else ""
+    for fig, file, what in ((figure, path, "Test accuracy and training loss"),
+                            (spectrum_figure, spectrum_path, "The projector's singular values")):
+        if fig is None:
+            continue
+        for panel in fig.axes:
+            panel.xaxis.set_major_locator(MaxNLocator(integer=True))
+        shown = accuracy_axes.lines if fig is figure else [line for line in accuracy_axes.lines
+                                                           if any(line.get_color() == other.get_color()
+                                                                  for other in spectrum_axes[0].lines)]
+        # below the panels: labels can be long
+        fig.legend(handles=shown, loc="upper center", bbox_to_anchor=(0.5, 0), fontsize="small")
+        fig.suptitle(f"{what} per epoch, {len(groups)} group{'s' * (len(groups) > 1)}, mean over seeds" + shared)
+        fig.tight_layout()
+        fig.savefig(file, dpi=100, bbox_inches="tight")  # "tight": the figure grows to hold legend and title
+        plt.close(fig)
+    return figure, spectrum_figure
 
 
 def unwritable(out):
@@ -323,10 +324,11 @@ def parse_args(argv=None):
     p = cli.Parser(prog="python report.py", description=__doc__)
     p.add_argument("runs_dirs", nargs="*", type=Path, default=[Path("runs")], metavar="RUNS_DIR",
                    help="folders searched, at any depth, for run folders (default runs/); their runs are pooled")
-    p.add_argument("--out", type=Path, help="folder for report.md, report.csv, curves.png (default the first RUNS_DIR)")
+    p.add_argument("--out", type=Path, help="folder for report.md, report.csv and the figures (default the first "
+                   "RUNS_DIR)")
     p.add_argument("--synthetic", action="store_true", help="report only the runs on synthetic data (--dataset fake, "
-                   "fake-full), into synthetic-report.md, synthetic-report.csv and synthetic-curves.png")
-    p.add_argument("--no-plot", action="store_true", help="skip curves.png")
+                   "fake-full), into synthetic-report.md, synthetic-report.csv, synthetic-curves.png, ...")
+    p.add_argument("--no-plot", action="store_true", help="skip the figures")
     return p.parse_args(argv)
 
 
@@ -355,8 +357,9 @@ def main(argv=None):
     for warning in warnings:  # say, one run copied into two of the RUNS_DIRs
         print(f"warning: {warning}", file=sys.stderr)
     prefix = "synthetic-" if args.synthetic else ""  # never over the real report
-    paths = [out / f"{prefix}{file}" for file in ("report.md", "report.csv", "curves.png")[:3 - args.no_plot]]
-    figure = FIGURE.replace("\n", " ").replace("curves.png", f"{prefix}curves.png")
+    paths = [out / f"{prefix}{file}" for file in ("report.md", "report.csv", "curves.png", "spectrum.png")]
+    figure = FIGURE.replace("\n", " ").replace("curves.png", f"{prefix}curves.png").replace(
+        "spectrum.png", f"{prefix}spectrum.png")
     table = markdown("Runs on synthetic data: tests of the code, not results" if args.synthetic else
                      "Runs on CIFAR-100", rows,
                      [("Unfinished runs, not in the table:", unfinished),
@@ -371,10 +374,10 @@ def main(argv=None):
             writer.writeheader()
             writer.writerows(rows)  # full precision; an empty cell where there is no value (None)
         if not args.no_plot:
-            plot(groups, paths[2])
+            plot(groups, paths[2], paths[3])
     except OSError as error:
         sys.exit(f"error: cannot write the report into {out}: {error}")
-    print(f"wrote {', '.join(map(str, paths))}")
+    print(f"wrote {', '.join(str(path) for path in paths if path.exists())}")
     return rows
 
 

@@ -56,6 +56,7 @@ except ImportError:
 
 import torch
 
+import cli
 import models
 
 LOG_COLUMNS = ("epoch", "lr", "loss_ce", "loss_feat", "loss_kd", "loss_total", "train_acc", "test_acc",
@@ -403,27 +404,13 @@ def epoch_line(row, epochs):
 
 # ---- the configuration and the teacher -------------------------------------------------------------------------
 
-def read_json(path, required=()):
-    """A JSON object from path, or ValueError saying why not (missing, unreadable, not an object, keys missing)."""
-    try:
-        content = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, ValueError) as error:
-        raise ValueError(f"{path} is {'missing' if not path.exists() else 'unreadable'} ({error})") from None
-    if not isinstance(content, dict):
-        raise ValueError(f"{path} is not a JSON object")
-    missing = [key for key in required if key not in content]
-    if missing:
-        raise ValueError(f"{path} lacks {', '.join(missing)}")
-    return content
-
-
 def recorded_config(out, checkpoint, required):
     """(the configuration the run in `out` was trained with, a note on where it was read, or ""). last.pt's own
     record is trusted over config.json, which can be deleted or edited by hand; an older last.pt has none, and then
     config.json must hold every `required` key."""
     record = (checkpoint or {}).get("config")
     try:
-        saved, problem = read_json(out / "config.json", () if record else required), None
+        saved, problem = cli.read_json(out / "config.json", () if record else required), None
     except ValueError as error:
         saved, problem = None, str(error)
     if record is None:
@@ -462,8 +449,10 @@ def resumed_config(config, out, given, checkpoint):
         sys.exit(f"error: {out} ran on {saved['device']}; it can only resume there")
     if saved["device"].startswith("cuda") and not torch.cuda.is_available():
         sys.exit(f"error: {out} ran on {saved['device']}, and this machine has no CUDA device to resume it on")
-    current = {key: config[key] for key in ("device_name", "capability") if key in config}  # this machine's
-    config = {**config, **saved, **current, **{key: config[key] for key in given & set(RESUME_MAY_CHANGE)}}
+    config = {**config, **saved, **{key: config[key] for key in given & set(RESUME_MAY_CHANGE)}}
+    gpu = config["device"].startswith("cuda")  # the device this resume runs on, maybe not the one the run began on
+    config.update(device_name=torch.cuda.get_device_name(config["device"]) if gpu else "cpu",
+                  capability="%d.%d" % torch.cuda.get_device_capability(config["device"]) if gpu else None)
     if config["cuda_graphs"] and not config["compile"]:  # graphs replay the compiled step
         if "cuda_graphs" in given:
             sys.exit("error: --cuda-graphs needs --compile (it replays the compiled step)")

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+import cli
 import data
 import devices
 import models
@@ -53,9 +54,9 @@ def teacher_file(config, teacher_config, train):
         return config["teacher_ckpt"]
     folder = runs.default_folder(teacher_config)
     try:  # what the folder's run recorded: a teacher of other data there (moved by hand?) is not this job's
-        recorded = runs.read_json(folder / "config.json") if (folder / "config.json").exists() else {}
+        recorded = cli.read_json(folder / "config.json") if (folder / "config.json").exists() else {}
         finished = (folder / "summary.json").exists()
-        trained = runs.read_json(folder / "summary.json", ("last_epoch",))["last_epoch"] if finished else 0
+        trained = cli.read_json(folder / "summary.json", ("last_epoch",))["last_epoch"] if finished else 0
         if not isinstance(trained, int):
             raise ValueError(f"{folder / 'summary.json'}: last_epoch is {trained!r}, not a number of epochs")
     except ValueError as error:

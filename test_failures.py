@@ -18,6 +18,7 @@ import pytest
 import torch
 
 import data
+import devices
 import models
 import train
 from test_data import RunsAShellCommand  # a pickle that runs a shell command when loaded
@@ -346,3 +347,64 @@ def test_config_is_printed_readably(tmp_path, capsys):
     assert "  not the defaults: epochs=1 milestones=[1, 1, 1] lr=0.1 dataset=fake" in out
     described = out[:out.index("\nepoch ")].splitlines()  # the configuration's lines
     assert len(described) >= 3 and max(map(len, described)) <= 120
+
+
+# --- a newcomer's first hour ----------------------------------------------------------------------------------------
+
+def test_on_a_cpu_the_long_job_is_said_first_in_days_with_what_to_run_instead(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(train, "step_seconds", lambda config: 2.0)  # this CPU's pace, as the timed steps found it
+    exit_message(["--teacher", "resnet32x4", "--student", "resnet8x4", "--data-dir", str(tmp_path / "none"),
+                  "--no-download", "--device", "cpu", "--out", str(tmp_path / "run")])
+    out = capsys.readouterr().out
+    # 240 epochs x 782 steps x 2 s, twice (the teacher first): 17.4 days, before the data is even looked for
+    assert "warning: no CUDA device: on this CPU the job needs about 17.4 days (the teacher resnet32x4 (8.7 days), " \
+           "then resnet8x4 srd (8.7 days), 240 epochs each" in out
+    assert f"A CPU suits a short real-data experiment instead (the README's 'No GPU?'): {devices.CPU_EXPERIMENT}" in out
+    assert "data:" not in out  # nothing heavy came first
+    devices.advise_cpu(train.resolve_config(train.parse_args(TINY)), None, lambda config: pytest.fail("timed"))
+    assert capsys.readouterr().out == ""  # a tiny run is neither timed nor warned about
+
+
+def test_help_shows_every_default(capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args(["--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    for flag, default in (("weight of the feature distance D (srd)", "2.0"), ("KD temperature", "4.0"),
+                          ("exponent of the logsum / pow distance", "4.0"), ("--batch-size BATCH_SIZE", "64"),
+                          ("SGD weight decay, on every parameter", "0.0005"), ("hidden width of the mlp projector",
+                                                                               "1024")):
+        assert f"{flag} (default: {default})" in help_text, flag
+    assert "(default: None)" not in help_text
+
+
+def test_a_teacher_checkpoint_that_is_missing_or_a_folder(tmp_path):
+    message = exit_message(["--teacher", "resnet8", "--teacher-ckpt", str(tmp_path / "nowhere.pth"), *TINY])
+    assert message.count(str(tmp_path / "nowhere.pth")) == 1
+    assert "the published CRD teachers are linked in the README ('Using the published teachers')" in message
+    message = exit_message(["--teacher", "resnet8", "--teacher-ckpt", str(tmp_path), *TINY])
+    assert f"{tmp_path} is a folder, not a checkpoint file" in message
+    readme = (PROJECT / "README.md").read_text()
+    assert "### Using the published teachers" in readme
+    assert "https://github.com/megvii-research/mdistiller/releases/tag/checkpoints" in readme
+
+
+def test_the_unpacked_folder_itself_is_accepted_as_data_dir(tmp_path):
+    write_batch(tmp_path, {b"data": pixels(3), b"fine_labels": [4, 5, 6]})
+    images, labels = data.load_cifar100(tmp_path / "cifar-100-python", train=True)
+    assert labels.tolist() == [4, 5, 6]
+
+
+@pytest.mark.parametrize("kind", ["no network", "md5 mismatch"])
+def test_a_failed_download_leaves_no_folder(kind, tmp_path, monkeypatch):
+    monkeypatch.setattr(data.urllib.request, "urlopen", failing_urlopen(kind))
+    exit_message(["--student", "resnet8", "--data-dir", str(tmp_path / "a" / "b"), "--device", "cpu",
+                  "--out", str(tmp_path / "run")])
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_resume_needs_a_folder_or_the_job_s_command(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train.parse_args(["--resume"])
+    assert exit_info.value.code == 2
+    assert "--student is required (to resume, --resume FOLDER or the job's own command with --resume)" in \
+        capsys.readouterr().err

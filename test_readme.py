@@ -7,10 +7,26 @@ import sys
 from pathlib import Path
 
 import bench
+import devices
 import train
 
 PROJECT = Path(__file__).resolve().parent
 README = (PROJECT / "README.md").read_text()
+
+
+def commands(text, script):
+    """The argv of every `python <script>` line in text, with `for seed in ...; do ... done` loops unrolled."""
+    found, seeds = [], None
+    for line in text.splitlines():
+        loop = re.fullmatch(r"for seed in ([\d ]+); do", line.strip())
+        if loop:
+            seeds = loop.group(1).split()
+        elif line.strip() == "done":
+            seeds = None
+        elif line.startswith(f"python {script}"):
+            argv = shlex.split(line.split("#")[0])[2:]
+            found += [[a.replace("$seed", seed) for a in argv] for seed in seeds] if seeds else [argv]
+    return found
 
 
 def test_losses_snippet_runs_next_to_a_copy_of_losses(tmp_path):
@@ -25,14 +41,19 @@ def test_losses_snippet_runs_next_to_a_copy_of_losses(tmp_path):
 
 
 def test_every_train_command_parses():
-    commands = [line.split("#")[0] for line in README.splitlines() if line.startswith("python train.py")]
-    assert len(commands) >= 8
-    for command in commands:
-        train.parse_args(shlex.split(command)[2:])  # argparse exits (fails the test) on a wrong flag
+    found = commands(README, "train.py")
+    assert len(found) >= 20
+    for argv in found:
+        train.parse_args(argv)  # argparse exits (fails the test) on a wrong flag
 
 
 def test_every_bench_command_parses():
-    commands = [line.split("#")[0] for line in README.splitlines() if line.startswith("python bench.py")]
-    assert len(commands) >= 2
-    for command in commands:
-        bench.parse_args([*shlex.split(command)[2:], "--device", "cpu", "--pipelines", "reference"])
+    found = commands(README, "bench.py")
+    assert len(found) >= 3
+    for argv in found:
+        bench.parse_args([*argv, "--device", "cpu", "--pipelines", "reference"] if "--device" not in argv else argv)
+
+
+def test_the_no_gpu_line_names_the_command_train_py_advises():
+    no_gpu = README[README.index("**No GPU?**"):].split("\n\n")[0]
+    assert f"`{devices.CPU_EXPERIMENT}`" in " ".join(no_gpu.split())

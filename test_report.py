@@ -7,10 +7,10 @@ import csv
 import io
 import json
 import os
-import shlex
 import shutil
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +18,7 @@ import pytest
 
 import data
 import report
+import test_readme
 import runs
 import train
 
@@ -68,10 +69,14 @@ def write_run(folder, config, accuracy, epochs=1, columns=runs.LOG_COLUMNS, **ce
 
 
 def figure_of(*roots):
-    """report.plot's figure of every run below roots, and its groups."""
+    """report.plot's figures of every run below roots, as one: axes [accuracy, loss] (figure.png), then [count,
+    effective rank] (spectrum.png) where there is a spectrum; and the groups."""
     finished, _, _ = report.find_runs(roots)
     groups = report.group_runs(finished)
-    return report.plot(groups, roots[0] / "figure.png"), groups
+    curves, spectrum = report.plot(groups, roots[0] / "figure.png", roots[0] / "spectrum.png")
+    assert (spectrum is None) != (roots[0] / "spectrum.png").exists()
+    return types.SimpleNamespace(axes=[*curves.axes, *(spectrum.axes if spectrum else [])],
+                                 _suptitle=curves._suptitle), groups  # noqa: SLF001 (no public getter)
 
 
 def read_rows(path):
@@ -219,9 +224,10 @@ def test_teacher_accuracy_is_the_teachers_own(clean):
     assert teacher["last_accuracy"] > 0 and float(kd["teacher_acc"]) == pytest.approx(teacher["last_accuracy"])
 
 
-def test_curves_png_is_written(clean):
-    png = (clean[0] / PNG).read_bytes()
-    assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 10_000
+def test_curves_and_spectrum_pngs_are_written(clean):
+    for name in (PNG, "synthetic-spectrum.png"):  # the runs include srd, which has a projector
+        png = (clean[0] / name).read_bytes()
+        assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 10_000, name
 
 
 def test_broken_and_unfinished_runs_hide_nothing(clean, messy):
@@ -293,11 +299,11 @@ def test_the_teacher_is_told_apart_by_its_file_not_its_path(clean):
 
 
 def test_readme_commands_make_one_row_per_pair_and_method(tmp_path):
-    """The README's "Reproducing the table" commands, as configurations (no training): four rows of three seeds."""
+    """The README's commands that reproduce the paper's table, as configurations (no training): four rows of three
+    seeds."""
     readme = (Path(__file__).parent / "README.md").read_text()
-    section = readme[readme.index("## Reproducing the table"):readme.index("## The pieces")]
-    commands = [shlex.split(line)[2:] for line in section.splitlines() if line.startswith("python train.py")]
-    for i, argv in enumerate(commands):
+    section = readme[readme.index("## Results"):readme.index("### A small-scale check")]
+    for i, argv in enumerate(test_readme.commands(section, "train.py")):
         write_run(tmp_path / str(i), train.resolve_config(train.parse_args([*argv, "--device", "cpu"])), 70.0 + i)
     code, _, stderr = call_report(tmp_path, "--no-plot")
     assert code == 0, stderr
@@ -344,6 +350,7 @@ def test_projector_spectrum_is_plotted_as_the_logs_means(clean, tmp_path):
     shutil.copytree(clean[0], tmp_path / "runs", ignore=shutil.ignore_patterns("*.pt", "*report.*", "*.png"))
     figure, groups = figure_of(tmp_path / "runs")
     assert (tmp_path / "runs/figure.png").stat().st_size > 10_000 and len(groups) == len(GROUPS)
+    assert (tmp_path / "runs/spectrum.png").stat().st_size > 10_000
     accuracy_axes, _, count_axes, rank_axes = figure.axes
     # only srd has a projector: 2 linear layers (mlp), a line per layer in each spectrum panel, none for CE or KD
     assert [line.get_label().split(": ")[1] for line in count_axes.lines] == [
@@ -393,12 +400,12 @@ def test_short_curves_have_markers(tmp_path):
 def test_the_title_says_what_is_plotted_and_what_all_groups_share(clean, tmp_path):
     figure, _ = figure_of(clean[0])
     title = figure._suptitle.get_text()  # noqa: SLF001 (matplotlib has no public getter)
-    assert title == ("Test accuracy, training loss and projector spectrum per epoch, 4 groups, mean over seeds\n"
+    assert title == ("Test accuracy and training loss per epoch, 4 groups, mean over seeds\n"
                      "all groups: --epochs 2 --batch-size 32 --dataset fake")
     write_run(tmp_path / "a", cpu_config(), 40.0)
     write_run(tmp_path / "b", cpu_config("--lr", "0.1"), 41.0)
     figure, _ = figure_of(tmp_path)  # nothing shared: no subtitle
-    assert figure._suptitle.get_text() == "Test accuracy, training loss per epoch, 2 groups, mean over seeds"
+    assert figure._suptitle.get_text() == "Test accuracy and training loss per epoch, 2 groups, mean over seeds"
 
 
 def test_the_loss_legend_names_only_the_styles_drawn(clean, tmp_path):

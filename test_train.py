@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -321,3 +322,120 @@ def test_teacher_cache_needs_a_teacher(capsys):
     assert "--teacher-cache stores a teacher's outputs: it needs --teacher" in capsys.readouterr().err
     config = train.resolve_config(train.parse_args(["--teacher", "resnet8", "--student", "resnet8", "--teacher-cache"]))
     assert train.teacher_training_config(config)["teacher_cache"] is False  # a teacher trained first has none
+
+
+# ---- short runs that make sense: the schedule follows --epochs, and a fixed training subset --------------------
+
+@pytest.mark.parametrize("epochs, milestones", [(240, [150, 180, 210]), (15, [9, 11, 13]), (8, [5, 6, 7]),
+                                                (2, [1, 1, 1]), (1, [1, 1, 1])])
+def test_default_milestones_are_5_6_and_7_eighths_of_the_run(epochs, milestones):
+    config = train.resolve_config(train.parse_args(["--student", "resnet8", "--epochs", str(epochs), "--device", "cpu"]))
+    assert config["milestones"] == milestones
+    explicit = train.resolve_config(train.parse_args(["--student", "resnet8", "--epochs", str(epochs), "--milestones",
+                                                      "3", "--device", "cpu"]))
+    assert explicit["milestones"] == [3]
+
+
+def test_a_resumed_run_keeps_its_recorded_milestones(tmp_path, capsys):
+    train.main([*TINY, "--student", "resnet8", "--out", str(tmp_path / "run")])  # 2 epochs: [1, 1, 1]
+    assert "milestones=[1, 1, 1]" in capsys.readouterr().out  # printed with the resolved configuration
+    train.main(["--resume", str(tmp_path / "run"), "--epochs", "4"])
+    assert json.loads((tmp_path / "run/config.json").read_text())["milestones"] == [1, 1, 1]
+    assert [float(r["lr"]) for r in read_log(tmp_path / "run")][2:] == [pytest.approx(5e-5)] * 2
+
+
+def test_a_class_balanced_subset_is_the_first_images_of_each_class():
+    labels = torch.tensor([3, 1, 3, 0, 1, 0, 3, 2, 2, 1, 0, 2])
+    assert data.class_balanced_subset(labels, 8, num_classes=4).tolist() == [0, 1, 2, 3, 4, 5, 7, 8]
+    with pytest.raises(data.DataError, match="asks 4 images of each of the 4 classes, and the 12 training images hold "
+                                             "3 of the rarest class: choose at most 12"):
+        data.class_balanced_subset(labels, 16, num_classes=4)
+
+
+def test_train_subset_is_the_same_images_for_every_seed_and_the_test_set_stays_whole(monkeypatch, tmp_path):
+    seen = []
+    monkeypatch.setattr(train, "fit", lambda config, out, resume, teacher, datasets: seen.append(datasets))
+    for seed in ("0", "1"):
+        train.main(["--student", "resnet8", *TINY, "--train-subset", "500", "--seed", seed,
+                    "--out", str(tmp_path / seed)])
+    (images, labels), (test_images, _) = seen[0]
+    assert torch.equal(images, seen[1][0][0]) and torch.equal(labels, seen[1][0][1])
+    assert torch.bincount(labels, minlength=100).tolist() == [5] * 100 and len(test_images) == 500
+
+
+@pytest.mark.parametrize("subset, says", [("150", "--train-subset 150: not a multiple of the 100 classes"),
+                                          ("0", "argument --train-subset: must be at least 1")])
+def test_a_train_subset_that_is_not_balanced_is_refused(subset, says, capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args(["--student", "resnet8", "--train-subset", subset])
+    assert says in capsys.readouterr().err
+
+
+def test_a_train_subset_larger_than_the_data_is_refused(tmp_path):
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(["--student", "resnet8", *TINY, "--train-subset", "5000", "--out", str(tmp_path / "run")])
+    assert "--train-subset 5000 asks 50 images of each of the 100 classes" in str(exit_info.value.code)
+    assert not (tmp_path / "run").exists()
+
+
+def test_subset_and_full_data_teachers_are_kept_apart(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    job = ["--teacher", "resnet8", "--student", "resnet8", *TINY[:2], "--epochs", "1", "--device", "cpu"]
+    train.main([*job, "--train-subset", "500"])
+    assert "in runs/fake/subset500/resnet8; 2. distil" in capsys.readouterr().out
+    assert json.loads(Path("runs/fake/subset500/resnet8/config.json").read_text())["train_subset"] == 500
+    train.main(job)  # full data: trains its own teacher, never the subset's
+    assert "in runs/fake/resnet8; 2. distil" in capsys.readouterr().out
+    shutil.rmtree("runs/fake/resnet8")
+    shutil.copytree("runs/fake/subset500/resnet8", "runs/fake/resnet8")  # a subset teacher moved by hand
+    with pytest.raises(SystemExit) as exit_info:
+        train.main([*job, "--seed", "1"])
+    assert "runs/fake/resnet8 holds a teacher trained with --train-subset 500, not this run's None" in \
+        str(exit_info.value.code)
+    with pytest.raises(SystemExit) as exit_info:  # and a resumed subset run keeps its subset
+        train.main(["--resume", "runs/fake/subset500/resnet8-resnet8-srd-seed0", "--train-subset", "1000"])
+    assert "was run with --train-subset 500" in str(exit_info.value.code)
+
+
+# ---- the paper's mechanism in every run: the projector's spectrum in log.csv ----------------------------------
+
+def test_the_projector_spectrum_is_logged_for_srd_and_empty_otherwise(teacher_checkpoint, tmp_path):
+    path, _ = teacher_checkpoint
+    for method, projector in (("srd", "mlp"), ("srd", "linear"), ("kd", "mlp")):
+        train.main(["--teacher", "resnet8", "--teacher-ckpt", str(path), "--student", "resnet8", "--method", method,
+                    "--projector", projector, *TINY, "--epochs", "1", "--out", str(tmp_path / f"{method}-{projector}")])
+    columns = ["proj1_sv_over_1pct", "proj1_effective_rank", "proj2_sv_over_1pct", "proj2_effective_rank"]
+    for name, filled in (("srd-mlp", 4), ("srd-linear", 2), ("kd-mlp", 0)):
+        row = read_log(tmp_path / name)[-1]
+        assert sum(row[c] != "" for c in columns) == filled, name
+    # the logged values against numpy's SVD of the projector the checkpoint holds after that epoch
+    projector = torch.load(tmp_path / "srd-mlp/last.pt", weights_only=True)["projector"]
+    row = read_log(tmp_path / "srd-mlp")[-1]
+    for layer, key in ((1, "projector.0.weight"), (2, "projector.2.weight")):
+        singular_values = np.linalg.svd(projector[key].double().numpy(), compute_uv=False)
+        p = singular_values / singular_values.sum()
+        assert int(row[f"proj{layer}_sv_over_1pct"]) == (singular_values > 0.01 * singular_values[0]).sum()
+        assert float(row[f"proj{layer}_effective_rank"]) == pytest.approx(np.exp(-(p * np.log(p)).sum()), rel=1e-4)
+
+
+def test_resume_follows_the_job_into_its_unfinished_teacher(tmp_path, monkeypatch, capsys):
+    """Stopped in the teacher part, the job's own command with --resume finishes the teacher, then distils; a resumed
+    run needs only its folder (--resume FOLDER, or --out FOLDER --resume)."""
+    monkeypatch.chdir(tmp_path)
+    teacher = Path("runs/fake/resnet8")
+    train.main(["--student", "resnet8", *TINY[:2], "--epochs", "1", "--device", "cpu"])
+    (teacher / "summary.json").unlink()  # as if stopped after epoch 1 of 2
+    checkpoint = torch.load(teacher / "last.pt", weights_only=True)
+    checkpoint["config"]["epochs"] = 2
+    torch.save(checkpoint, teacher / "last.pt")
+    (teacher / "config.json").write_text(json.dumps(checkpoint["config"]))
+    job = ["--teacher", "resnet8", "--student", "resnet8", *TINY]
+    summary = train.main([*job, "--resume"])
+    out = capsys.readouterr().out
+    assert "runs/fake/resnet8-resnet8-srd-seed0 has no checkpoint yet: the job resumes with its first part" in out
+    assert "1. finish training resnet8 alone, 2 epochs" in out and "resuming runs/fake/resnet8 at epoch 2" in out
+    assert summary["last_epoch"] == 2 and json.loads((teacher / "summary.json").read_text())["last_epoch"] == 2
+    student = "runs/fake/resnet8-resnet8-srd-seed0"
+    assert train.main(["--out", student, "--resume", "--epochs", "3"])["last_epoch"] == 3
+    assert train.main(["--resume", student, "--epochs", "4"])["last_epoch"] == 4
+    assert json.loads(Path(student, "config.json").read_text())["method"] == "srd"

@@ -51,11 +51,11 @@ def parse_args(argv=None):
     p.add_argument("--epochs", type=count, help="epochs (default 240; with --resume: where the run ends)")
     p.add_argument("--milestones", type=count, nargs="*", help="epochs after which lr drops x0.1 (default 5/8, 6/8 "
                    "and 7/8 of --epochs, rounded down: 150 180 210 for 240)")
-    p.add_argument("--batch-size", type=cli.number(int, 2, why=" (BatchNorm needs batch statistics)"), default=64)
+    p.add_argument("--batch-size", type=cli.number(int, 2, why=" (BatchNorm needs batch statistics)"), default=64,
+                   help="training batch size")
     p.add_argument("--lr", type=positive, help=f"initial lr (default 0.05; 0.01 for {', '.join(SMALL_LR)})")
     p.add_argument("--weight-decay", type=non_negative, default=5e-4, help="SGD weight decay, on every parameter")
-    p.add_argument("--seed", type=cli.number(int, 0, maximum=2 ** 63 - 1), default=0,
-                   help="seed of initialisation and data order")
+    p.add_argument("--seed", type=cli.number(int, 0, maximum=2 ** 63 - 1), default=0, help="seed of init and data order")
     data.add_flags(p, count)  # --dataset, --train-subset, --data-dir, --no-download
     runs.add_flags(p)  # --out, --resume
     devices.add_flags(p)  # --device, --precision and the other speed switches
@@ -80,10 +80,6 @@ def parse_args(argv=None):
     return args
 
 
-def default_lr(student):
-    return 0.01 if student in SMALL_LR else 0.05
-
-
 def resolve_config(args):
     """Everything a run depends on, as config.json records it (the defaults: the paper's recipe, and devices.py's)."""
     if args.device:
@@ -95,7 +91,7 @@ def resolve_config(args):
     config.update(
         epochs=epochs,
         milestones=args.milestones if args.milestones is not None else [max(1, epochs * k // 8) for k in (5, 6, 7)],
-        lr=args.lr or default_lr(args.student),
+        lr=args.lr or (0.01 if args.student in SMALL_LR else 0.05),
         ce_weight=args.ce_weight if args.ce_weight is not None else (0.1 if kd else 1.0),
         kd_weight=args.kd_weight if args.kd_weight is not None else (0.9 if kd else 0.0),
         feat_weight=args.feat_weight if args.method == "srd" else 0.0,
@@ -120,7 +116,7 @@ def lr_at(config, epoch):
 # ---- teacher ---------------------------------------------------------------------------------------------------
 
 def teacher_training_config(config):
-    return teachers.training_config(config, lr=default_lr(config["teacher"]))
+    return teachers.training_config(config, lr=0.01 if config["teacher"] in SMALL_LR else 0.05)
 
 
 def provide_teacher(config, datasets):
@@ -335,6 +331,7 @@ def main(argv=None):
     resume = bool(args.resume) and teachers.resumes(out, config, teacher_training_config(config))
     if resume:
         config = runs.resumed_config(config, out, args.given, runs.read_checkpoint(out, None))
+        args.device_lines = [devices.line(config) + " (as the run recorded)"]
     print("\n".join(args.device_lines))
     teachers.check_checkpoint(config)  # --teacher-ckpt: fail fast, before any data is downloaded or folder made
     if config["device"] == "cpu" and not resume:  # before any heavy work: how long, and what to run instead
