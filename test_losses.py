@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -261,3 +262,25 @@ def test_bad_input_raises_readable_value_error(make, call, message):
 
 def test_batch_of_one_is_fine_without_batch_statistics():
     assert torch.isfinite(FeatureDistillation(4, 6, norm="l2")(torch.randn(1, 4), torch.randn(1, 6)))
+
+
+def test_spectrum_counts_and_effective_rank_match_numpy_on_known_singular_values():
+    """A 64 x 32 weight built with singular values 10, 5, 1, 0.2, 0.05, 0.001 and 26 zeros: 4 above 1% of the largest,
+    and the effective rank exp(H(s / sum s)) as numpy's SVD gives it."""
+    rng = np.random.default_rng(0)
+    left, _ = np.linalg.qr(rng.normal(size=(64, 64)))
+    right, _ = np.linalg.qr(rng.normal(size=(32, 32)))
+    chosen = np.array([10, 5, 1, 0.2, 0.05, 0.001] + [0] * 26)
+    weight = left[:, :32] @ np.diag(chosen) @ right.T
+    count, effective_rank = losses.spectrum(torch.tensor(weight, dtype=torch.float32))
+    singular_values = np.linalg.svd(weight, compute_uv=False)
+    p = singular_values / singular_values.sum()
+    assert count == 4 == (singular_values > 0.01 * singular_values[0]).sum()
+    assert effective_rank == pytest.approx(np.exp(-(p[p > 0] * np.log(p[p > 0])).sum()), rel=1e-4)
+
+
+@pytest.mark.parametrize("projector, layers", [("mlp", 2), ("linear", 1), ("none", 0)])
+def test_feature_distillation_reports_the_spectrum_of_each_linear_layer(projector, layers):
+    spectra = losses.FeatureDistillation(64, 64, projector=projector).spectrum()
+    assert sorted(spectra) == sorted(f"proj{i}_{what}" for i in range(1, layers + 1)
+                                     for what in ("sv_over_1pct", "effective_rank"))
