@@ -17,6 +17,12 @@ import runs
 import train
 
 TINY = ["--dataset", "fake", "--epochs", "2", "--device", "cpu"]
+
+
+@pytest.fixture
+def small_fake_data(monkeypatch):
+    """--dataset fake at 256 training and 100 test images: for tests of what a run does, not of what it learns."""
+    monkeypatch.setitem(data.FAKE_SIZES, "fake", (256, 100))
 OUTPUTS = ("config.json", "log.csv", "last.pt", "best.pt", "summary.json")
 CHANCE = 1.0  # % on 100 classes
 
@@ -85,7 +91,7 @@ def test_teacher_is_trained_first_when_absent(tmp_path, monkeypatch, capsys):
     assert summary["teacher_accuracy"] == pytest.approx(teacher_summary["last_accuracy"])
 
 
-def test_unfinished_teacher_is_finished_as_recorded_and_the_student_keeps_its_teacher(tmp_path, monkeypatch, capsys):
+def test_unfinished_teacher_is_finished_as_recorded_and_the_student_keeps_its_teacher(tmp_path, monkeypatch, capsys, small_fake_data):
     """A job whose teacher run was interrupted finishes it with its own recorded recipe (not the job's), and a resumed
     distillation uses exactly the teacher file it started with (by sha256), however runs/<teacher> changes since."""
     monkeypatch.chdir(tmp_path)
@@ -116,7 +122,7 @@ def test_unfinished_teacher_is_finished_as_recorded_and_the_student_keeps_its_te
     assert "which is no longer that file" in str(exit_info.value.code)
 
 
-def test_resume_equals_uninterrupted_run(teacher_checkpoint, tmp_path):
+def test_resume_equals_uninterrupted_run(teacher_checkpoint, tmp_path, small_fake_data):
     # the paper's method, so the projector and its optimizer state must come back too
     common = ["--teacher", "resnet8", "--teacher-ckpt", str(teacher_checkpoint[0]), "--student", "resnet8",
               "--dataset", "fake", "--device", "cpu", "--milestones", "2"]  # one schedule: a 2-epoch run's own differs
@@ -336,7 +342,7 @@ def test_default_milestones_are_5_6_and_7_eighths_of_the_run(epochs, milestones)
     assert explicit["milestones"] == [3]
 
 
-def test_a_resumed_run_keeps_its_recorded_milestones(tmp_path, capsys):
+def test_a_resumed_run_keeps_its_recorded_milestones(tmp_path, capsys, small_fake_data):
     train.main([*TINY, "--student", "resnet8", "--out", str(tmp_path / "run")])  # 2 epochs: [1, 1, 1]
     assert "milestones=[1, 1, 1]" in capsys.readouterr().out  # printed with the resolved configuration
     train.main(["--resume", str(tmp_path / "run"), "--epochs", "4"])
@@ -399,7 +405,7 @@ def test_subset_and_full_data_teachers_are_kept_apart(tmp_path, monkeypatch, cap
 
 # ---- the paper's mechanism in every run: the projector's spectrum in log.csv ----------------------------------
 
-def test_the_projector_spectrum_is_logged_for_srd_and_empty_otherwise(teacher_checkpoint, tmp_path):
+def test_the_projector_spectrum_is_logged_for_srd_and_empty_otherwise(teacher_checkpoint, tmp_path, small_fake_data):
     path, _ = teacher_checkpoint
     for method, projector in (("srd", "mlp"), ("srd", "linear"), ("kd", "mlp")):
         train.main(["--teacher", "resnet8", "--teacher-ckpt", str(path), "--student", "resnet8", "--method", method,
@@ -418,7 +424,7 @@ def test_the_projector_spectrum_is_logged_for_srd_and_empty_otherwise(teacher_ch
         assert float(row[f"proj{layer}_effective_rank"]) == pytest.approx(np.exp(-(p * np.log(p)).sum()), rel=1e-4)
 
 
-def test_resume_follows_the_job_into_its_unfinished_teacher(tmp_path, monkeypatch, capsys):
+def test_resume_follows_the_job_into_its_unfinished_teacher(tmp_path, monkeypatch, capsys, small_fake_data):
     """Stopped in the teacher part, the job's own command with --resume finishes the teacher, then distils; a resumed
     run needs only its folder (--resume FOLDER, or --out FOLDER --resume)."""
     monkeypatch.chdir(tmp_path)
