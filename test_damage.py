@@ -18,7 +18,7 @@ import data
 import models
 import runs
 import train
-from test_failures import exit_message, snapshot, write_batch, pixels
+from test_failures import exit_message, pixels, snapshot, start_and_wait_for_epoch_1, write_batch
 
 PROJECT = Path(__file__).resolve().parent
 TINY = ["--student", "resnet8", "--dataset", "fake", "--device", "cpu"]
@@ -269,12 +269,8 @@ def test_a_flag_error_is_one_line(tmp_path):
 
 def test_sigterm_stops_a_run_as_ctrl_c_does(tmp_path):
     out = tmp_path / "run"
-    process = subprocess.Popen([sys.executable, "train.py", *TINY, "--epochs", "40", "--out", str(out)], cwd=PROJECT,
-                               text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process = start_and_wait_for_epoch_1([*TINY, "--epochs", "40", "--out", str(out)])
     try:
-        for line in process.stdout:  # wait for its first checkpoint
-            if line.startswith("epoch   1/40"):
-                break
         process.send_signal(signal.SIGTERM)
         _, stderr = process.communicate(timeout=120)
     finally:

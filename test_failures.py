@@ -307,18 +307,20 @@ def test_read_only_run_folder_is_refused_before_anything_is_written(run_copy):
         os.chmod(run_copy, 0o755)
 
 
-def start(args, **kwargs):
-    return subprocess.Popen([sys.executable, "train.py", *args], cwd=PROJECT, text=True, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, **kwargs)
+def start_and_wait_for_epoch_1(args):
+    """A train.py process, once it has written its first epoch's checkpoint."""
+    process = subprocess.Popen([sys.executable, "train.py", *args], cwd=PROJECT, text=True, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE)
+    for line in process.stdout:
+        if line.startswith("epoch   1/"):
+            break
+    return process
 
 
 def test_one_process_per_folder_and_a_clean_ctrl_c(tmp_path, capsys):
     out = tmp_path / "run"
-    first = start([*TINY, "--epochs", "40", "--out", str(out)])
+    first = start_and_wait_for_epoch_1([*TINY, "--epochs", "40", "--out", str(out)])
     try:
-        for line in first.stdout:  # wait for its first checkpoint
-            if line.startswith("epoch   1/40"):
-                break
         second = subprocess.run([sys.executable, "train.py", *TINY, "--epochs", "40", "--out", str(out), "--resume"],
                                 cwd=PROJECT, capture_output=True, text=True, timeout=120)
         assert second.returncode == 1 and "Traceback" not in second.stderr
