@@ -10,9 +10,10 @@ test_failures.py or test_train.py:
 1. One paragraph for every refusal. A bad flag, a damaged file, a folder that cannot be written, a full disk: each
    stops with one paragraph on stderr (what failed, what is intact, the way out), a non-zero exit, no traceback.
    Flags are checked before anything is loaded; the folder before anything is written (it, or its nearest
-   existing parent, must take a new file, and every file the run will replace must be writable); a failed start
-   leaves no folder behind.
-2. Nothing is overwritten: a new run refuses a folder holding results (pass --resume, or another --out).
+   existing parent, must take a new file, and every file the run will replace must be writable); a start that fails
+   before the folder is claimed leaves none behind.
+2. Nothing is overwritten: a new run refuses a folder holding results, last.pt, best.pt or summary.json (pass
+   --resume, or another --out).
 3. One process per folder: an exclusive flock on .lock for the run's life, the file naming its holder (process,
    host). The system releases a flock when its process dies, however it dies, so a killed run's folder is free
    again (its stale .lock text earns a note). Windows has no flock: a warning says so.
@@ -22,8 +23,9 @@ test_failures.py or test_train.py:
    end. The row goes first: a kill before last.pt leaves a row that --resume drops, never a checkpoint without its
    row. Before that, the epoch's mean losses and every weight and buffer are checked: a non-finite value stops the
    run, and a checkpoint is called good only once its own values are checked.
-6. Ctrl-C and SIGTERM (what schedulers and `timeout` send before SIGKILL) stop alike, at once: the message names the
-   last complete epoch and the command that resumes; the exit status is 128 + the signal (130, 143).
+6. Ctrl-C and SIGTERM (what schedulers and `timeout` send before SIGKILL) stop a run holding its folder alike, at
+   once: the message names the last complete epoch and the command that resumes; the exit status is 128 + the
+   signal (130, 143).
 7. --resume continues exactly: model, projector, optimizer, loss scaler, epoch, best accuracy, the loader's
    generator and the RNG states come back, so on the CPU a resumed run equals an uninterrupted one bit for bit. The
    configuration is the one last.pt was trained with (config.json for an older last.pt, which has none; a note says
@@ -57,6 +59,7 @@ except ImportError:
 import torch
 
 import cli
+import devices
 import models
 
 LOG_COLUMNS = ("epoch", "lr", "loss_ce", "loss_feat", "loss_kd", "loss_total", "train_acc", "test_acc",
@@ -89,8 +92,7 @@ def add_flags(parser):
 
 
 def given_flags(parser, argv, args):
-    """The flags argv gives (for --resume's comparison): argparse fills in a default only where the namespace lacks
-    the attribute, so a namespace of markers shows which ones the command line set."""
+    """The flags argv gives, for --resume's comparison (argparse fills in only what a namespace lacks)."""
     unset = object()
     given = parser.parse_args(argv, argparse.Namespace(**{key: unset for key in vars(args)}))
     return {"precision" if key == "bf16" else key for key, value in vars(given).items() if value is not unset}
@@ -98,6 +100,9 @@ def given_flags(parser, argv, args):
 
 def recorded_identity(folder):
     """--student, --teacher and --method as the run in `folder` recorded them: --resume needs nothing else."""
+    if not (folder / "last.pt").exists() and not (folder / "config.json").exists():
+        sys.exit(f"error: --resume: no run in {folder} (no last.pt, no config.json); to continue a job still training "
+                 f"its teacher, run the job's own command with --resume")
     checkpoint = read_checkpoint(folder, None) if (folder / "last.pt").exists() else None
     record, _ = recorded_config(folder, checkpoint, ("student", "teacher", "method"))
     return ["--student", record["student"], *(["--teacher", record["teacher"]] if record["teacher"] else []),
@@ -107,9 +112,8 @@ def recorded_identity(folder):
 # ---- the folder ------------------------------------------------------------------------------------------------
 
 def default_folder(config):
-    """runs/<student> for a model trained alone, runs/<teacher>-<student>-<method>-seed<k> for a distillation;
-    synthetic data and training subsets in folders of their own, so they never mix with CIFAR-100's full runs (and
-    a distillation never picks up a teacher trained on other data)."""
+    """The run folder its recipe names (the docstring above): synthetic data and training subsets apart, so they never
+    mix with CIFAR-100's full runs, and a distillation never picks up a teacher trained on other data."""
     root = Path("runs") / ("" if config["dataset"] == "cifar100" else config["dataset"])
     root = root / (f"subset{config['train_subset']}" if config.get("train_subset") else "")
     if config["method"] == "none":
@@ -123,7 +127,7 @@ def check_folder(out, resume):
         sys.exit(f"error: the run folder {out} is a file: choose another --out")
     if resume and not (out / "last.pt").exists():
         sys.exit(f"error: --resume: no checkpoint {out / 'last.pt'}; {what_is_intact(out)}")
-    if not resume and ((out / "last.pt").exists() or (out / "summary.json").exists()):
+    if not resume and any((out / name).exists() for name in ("last.pt", "best.pt", "summary.json")):
         sys.exit(f"error: run folder {out} holds results: pass --resume to continue it, or --out to start another")
     folder = out
     while not folder.exists():  # a new run folder: its nearest existing parent must take it
@@ -159,8 +163,7 @@ def claimed(out, resume, config, then=""):
             signal.signal(signal.SIGTERM, previous)
 
 
-def stop(signum, frame=None):
-    """A stop signal's handler: SIGTERM stops a run as Ctrl-C does (SIGINT raises KeyboardInterrupt by itself)."""
+def stop(signum, frame=None):  # SIGTERM's handler: it stops a run as Ctrl-C does (SIGINT raises by itself)
     raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
@@ -181,9 +184,10 @@ def locked(out):
         if lock.read().strip():
             print(f"note: {out} was locked by a run that ended without releasing it (killed?); taking it over")
         lock.seek(0)
-        lock.truncate()
-        lock.write(f"process {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}")
-        lock.flush()
+        with writing(out, "the lock's holder"):
+            lock.truncate()
+            lock.write(f"process {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}")
+            lock.flush()
         try:
             yield
         finally:
@@ -226,8 +230,7 @@ def save_json(content, path):
     save_atomically(json.dumps(content, indent=2), path)
 
 
-def write_log(out, rows):
-    """log.csv holding `rows` (dicts keyed by LOG_COLUMNS; a column a row lacks stays empty), written atomically."""
+def write_log(out, rows):  # rows: dicts keyed by LOG_COLUMNS (a column a row lacks stays empty)
     text = io.StringIO()
     writer = csv.DictWriter(text, fieldnames=LOG_COLUMNS, restval="", lineterminator="\n")
     writer.writeheader()
@@ -326,27 +329,35 @@ def check_finite(out, epoch, mean_terms, student, distill):
     sys.exit(f"error: {what}; {kept}. Nothing of this epoch was saved: a smaller --lr or --weight-decay may help")
 
 
-def save_epoch(out, row, checkpoint, is_best, resume_command):
-    """One epoch's log row, best.pt (when it is the best) and last.pt, in that order (promise 5); a failed write (a
-    full disk, a folder made read-only meanwhile) stops with one paragraph naming the disk and what is intact."""
+@contextlib.contextmanager
+def writing(out, what):
+    """A failed write inside the block (a full disk, a folder made read-only meanwhile; ValueError: a log.csv damaged
+    while the run trained) stops with one paragraph naming the disk and what is intact (promise 1)."""
     try:
+        yield
+    except (OSError, ValueError) as error:
+        free = shutil.disk_usage(out).free / 2 ** 20
+        sys.exit(f"error: could not save {what} in {out} ({getattr(error, 'strerror', None) or error}; {free:.1f} MB "
+                 f"free on its disk). {what_is_intact(out)}. Free some space (or make the folder writable) and "
+                 f"continue with: python train.py --resume {shlex.quote(str(out))}")
+
+
+def save_epoch(out, row, checkpoint, is_best):
+    """One epoch's log row, best.pt (when it is the best) and last.pt, in that order (promise 5)."""
+    with writing(out, f"epoch {row['epoch']}"):
         write_log(out, [*(logged_rows(out) or []), row])
         if is_best:
             save_atomically(checkpoint, out / "best.pt")
         save_atomically(checkpoint, out / "last.pt")
-    except (OSError, ValueError) as error:  # ValueError: a log.csv damaged while the run trained
-        free = shutil.disk_usage(out).free / 2 ** 20
-        sys.exit(f"error: could not save epoch {row['epoch']} in {out} ({getattr(error, 'strerror', None) or error}; "
-                 f"{free:.1f} MB free on its disk). {what_is_intact(out)}. Free some space (or make the folder "
-                 f"writable) and continue with: {resume_command}")
 
 
 def start(out, config, resume, student, distill, optimizer, loader, scaler):
     """A new run's empty log, or a resumed run's states restored (promise 7); then config.json. Returns the epoch to
     start from, the best so far, the wall time already spent and the last checkpoint (None for a new run)."""
     if not resume:
-        write_log(out, [])
-        save_json(config, out / "config.json")
+        with writing(out, "the new run's log and configuration"):
+            write_log(out, [])
+            save_json(config, out / "config.json")
         return 1, {"accuracy": -1.0, "epoch": 0}, 0.0, None
     last = read_checkpoint(out, config["student"])
     if last["epoch"] > config["epochs"]:
@@ -375,8 +386,9 @@ def start(out, config, resume, student, distill, optimizer, loader, scaler):
     start_epoch = last["epoch"] + 1
     if rows is None:
         print(f"note: {out / 'log.csv'} is missing: the resumed log starts at epoch {start_epoch}")
-    write_log(out, [row for row in rows or [] if row["epoch"] < start_epoch])  # rows after the checkpoint go
-    save_json(config, out / "config.json")
+    with writing(out, "the resumed run's log and configuration"):
+        write_log(out, [row for row in rows or [] if row["epoch"] < start_epoch])  # rows after the checkpoint go
+        save_json(config, out / "config.json")
     print(f"resuming {out} at epoch {start_epoch}" if start_epoch <= config["epochs"] else
           f"{out} has completed its {config['epochs']} epochs: nothing to train (give --epochs to extend it)")
     return start_epoch, last["best"], last["wall_time_s"], last
@@ -388,7 +400,8 @@ def finish(out, config, last, best, teacher_accuracy):
                "last_accuracy": last["accuracy"], "last_epoch": last["epoch"],
                "best_accuracy": best["accuracy"], "best_epoch": best["epoch"],
                "teacher_accuracy": teacher_accuracy, "wall_time_s": last["wall_time_s"]}
-    save_json(summary, out / "summary.json")
+    with writing(out, "summary.json"):
+        save_json(summary, out / "summary.json")
     print(f"done: {config['student']} test accuracy {summary['last_accuracy']:.2f}% at the last epoch "
           f"({summary['last_epoch']}), best {summary['best_accuracy']:.2f}% at epoch {summary['best_epoch']}; "
           f"results in {out}")
@@ -450,6 +463,7 @@ def resumed_config(config, out, given, checkpoint):
     if saved["device"].startswith("cuda") and not torch.cuda.is_available():
         sys.exit(f"error: {out} ran on {saved['device']}, and this machine has no CUDA device to resume it on")
     config = {**config, **saved, **{key: config[key] for key in given & set(RESUME_MAY_CHANGE)}}
+    devices.check(config["device"])  # a recorded cuda:1 on a one-GPU machine: --device cuda:0 resumes it there
     gpu = config["device"].startswith("cuda")  # the device this resume runs on, maybe not the one the run began on
     config.update(device_name=torch.cuda.get_device_name(config["device"]) if gpu else "cpu",
                   capability="%d.%d" % torch.cuda.get_device_capability(config["device"]) if gpu else None)

@@ -31,7 +31,7 @@ def training_config(config, lr):
 
 def check_checkpoint(config):
     """--teacher-ckpt checked before any data is downloaded or a folder made: a file that loads into --teacher."""
-    if config["teacher_ckpt"]:
+    if config["teacher_ckpt"] and not config.get("teacher_sha256"):  # a resumed run's is checked by its hash
         try:
             models.load_weights(models.build_model(config["teacher"]), config["teacher_ckpt"])
         except (ValueError, OSError) as error:
@@ -72,9 +72,13 @@ def teacher_file(config, teacher_config, train):
                  f"{config['epochs']}: pass --teacher-ckpt, or move that folder away to train a new one")
     if not finished:
         unfinished = (folder / "last.pt").exists()
-        if unfinished:  # finish it as it was started, to this job's length
-            teacher_config = runs.resumed_config(teacher_config, folder, set(), runs.read_checkpoint(folder, None))
-            teacher_config["epochs"] = max(teacher_config["epochs"], config["epochs"])
+        if unfinished:  # finish it as it was started (with this job's device and speed switches)
+            given = set(runs.RESUME_MAY_CHANGE) - {"epochs", "device_name", "capability"}
+            teacher_config = runs.resumed_config(teacher_config, folder, given, runs.read_checkpoint(folder, None))
+            if teacher_config["epochs"] < config["epochs"]:  # stretched, its lr schedule would not be this job's
+                sys.exit(f"error: {folder} holds an unfinished teacher run of {teacher_config['epochs']} epochs, "
+                         f"fewer than this job's {config['epochs']}: move that folder away to train a new one, or "
+                         f"pass --teacher-ckpt")
         print(f"the job, in two parts (no finished teacher {config['teacher']} was found; --teacher-ckpt uses a "
               f"published one): 1. {'finish training' if unfinished else 'train'} {config['teacher']} alone, "
               f"{teacher_config['epochs']} epochs, in {folder}; 2. distil {config['student']} from it for "
@@ -84,10 +88,11 @@ def teacher_file(config, teacher_config, train):
 
 
 def resumes(out, config, teacher_config):
-    """Whether --resume continues the run in `out`. Not where it has no checkpoint yet because the job stopped in its
-    first part, this project's own run of the teacher: the job resumes there, and the distillation then starts (it
-    has nothing to continue). Elsewhere a missing checkpoint is refused, by check_folder."""
-    if (out / "last.pt").exists() or not config["teacher"] or config["teacher_ckpt"]:
+    """Whether --resume continues the run in `out`. Not where the job's own command (its default folder) stopped in
+    its first part, this project's own run of the teacher, before the distillation had a checkpoint: the job resumes
+    there, and the distillation then starts. Elsewhere a missing checkpoint is refused (runs.read_checkpoint)."""
+    if (out / "last.pt").exists() or not config["teacher"] or config["teacher_ckpt"] or \
+            out != runs.default_folder(config):
         return True
     teacher_folder = runs.default_folder(teacher_config)
     if not (teacher_folder / "last.pt").exists() or (teacher_folder / "summary.json").exists():

@@ -281,3 +281,56 @@ def test_sigterm_stops_a_run_as_ctrl_c_does(tmp_path):
     assert f"python train.py --resume {out}" in stderr
     assert not list(out.glob("*.tmp")) and (out / ".lock").read_text() == ""
     assert [row["epoch"] for row in runs.logged_rows(out)] == list(range(1, epoch + 1))
+
+
+# ---- found in review ---------------------------------------------------------------------------------------------
+
+def test_resume_of_a_folder_without_a_run_says_so(tmp_path):
+    message = exit_message(["--resume", str(tmp_path / "nowhere")])
+    assert f"--resume: no run in {tmp_path / 'nowhere'} (no last.pt, no config.json)" in message
+
+
+def test_a_lone_best_pt_is_results_a_new_run_keeps(run):
+    (run / "last.pt").unlink()
+    message = refused_unchanged([*TINY, "--epochs", "1", "--out", str(run)], run)
+    assert f"run folder {run} holds results" in message
+
+
+def test_a_full_disk_at_the_start_is_one_paragraph(tmp_path, monkeypatch):
+    def disk_full(obj, path):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(runs, "save_atomically", disk_full)
+    message = exit_message([*TINY, "--epochs", "1", "--out", str(tmp_path / "run")])
+    assert "could not save the new run's log and configuration in" in message and "No space left on device" in message
+
+
+def test_an_explicit_folder_without_a_checkpoint_is_not_restarted(tmp_path, monkeypatch):
+    """--resume FOLDER continues that folder's run or refuses: it never falls back to the job's teacher part."""
+    monkeypatch.chdir(tmp_path)
+    train.main([*TINY, "--epochs", "1"])
+    (tmp_path / "runs/fake/resnet8/summary.json").unlink()  # an unfinished teacher run
+    folder = tmp_path / "elsewhere"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(train.resolve_config(train.parse_args(
+        ["--teacher", "resnet8", *TINY, "--epochs", "1"]))))  # a distillation killed in its first epoch
+    message = exit_message(["--resume", str(folder)])
+    assert f"no checkpoint file at {folder / 'last.pt'}" in message
+
+
+def test_an_unfinished_teacher_shorter_than_the_job_is_refused(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    train.main([*TINY, "--epochs", "1"])
+    (tmp_path / "runs/fake/resnet8/summary.json").unlink()  # recorded for 1 epoch, and unfinished
+    message = exit_message(["--teacher", "resnet8", *TINY, "--epochs", "3"])
+    assert "holds an unfinished teacher run of 1 epochs, fewer than this job's 3" in message
+
+
+def test_a_resumed_run_whose_teacher_file_is_gone_says_so(run, tmp_path):
+    shutil.copy(run / "last.pt", tmp_path / "teacher.pt")
+    student = tmp_path / "student"
+    train.main(["--teacher", "resnet8", "--teacher-ckpt", str(tmp_path / "teacher.pt"), *TINY, "--epochs", "1",
+                "--out", str(student)])
+    (tmp_path / "teacher.pt").unlink()
+    message = exit_message(["--resume", str(student), "--epochs", "2"])
+    assert "which is gone: resuming from another teacher would change the experiment" in message

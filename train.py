@@ -48,7 +48,8 @@ def parse_args(argv=None):
     p.add_argument("--norm", choices=losses.NORMS, default="bn", help="normalisation of both features")
     p.add_argument("--distance", choices=losses.DISTANCES, default="logsum", help="distance between them")
     p.add_argument("--alpha", type=positive, default=4.0, help="exponent of the logsum / pow distance")
-    p.add_argument("--epochs", type=count, help="epochs (default 240; with --resume: where the run ends)")
+    p.add_argument("--epochs", type=count, help="epochs (default 240; with --resume: where the run ends, its lr "
+                   "schedule as recorded)")
     p.add_argument("--milestones", type=count, nargs="*", help="epochs after which lr drops x0.1 (default 5/8, 6/8 "
                    "and 7/8 of --epochs, rounded down: 150 180 210 for 240)")
     p.add_argument("--batch-size", type=cli.number(int, 2, why=" (BatchNorm needs batch statistics)"), default=64,
@@ -60,7 +61,7 @@ def parse_args(argv=None):
     runs.add_flags(p)  # --out, --resume
     devices.add_flags(p)  # --device, --precision and the other speed switches
     args = p.parse_args(argv)
-    if args.student is None:  # --resume FOLDER: the folder records what it trains
+    if args.student is None:  # --resume FOLDER: parse again, the folder's record of what it trains first
         folder = args.resume if isinstance(args.resume, str) else args.out
         if not args.resume or folder is None:
             p.error("--student is required (to resume, --resume FOLDER or the job's own command with --resume)")
@@ -120,7 +121,8 @@ def teacher_training_config(config):
 
 
 def provide_teacher(config, datasets):
-    """The frozen teacher (teachers.py: a resumed run's, --teacher-ckpt, or this project's own, trained first)."""
+    """The frozen teacher (teachers.py: a resumed run's, --teacher-ckpt, or this project's own, trained first by a call
+    back into run()); teachers.load records its file and sha256 in config, hence config.json."""
     path = teachers.teacher_file(config, teacher_training_config(config),
                                  train=lambda teacher_config, folder, resume, then: run(teacher_config, folder, resume,
                                                                                         datasets, then))
@@ -306,7 +308,7 @@ def fit(config, out, resume, teacher, datasets):
         last = runs.checkpoint(config, epoch, test_accuracy, best, wall_before + time.time() - run_started,
                                student, distill, optimizer, train_loader, scaler)
         with runs.stops_deferred():  # the row, the checkpoints and the epoch's line: all of them or none
-            runs.save_epoch(out, row, last, best["epoch"] == epoch, f"python train.py --resume {out}")
+            runs.save_epoch(out, row, last, is_best=best["epoch"] == epoch)
             print(runs.epoch_line(row, config["epochs"]), flush=True)
     return runs.finish(out, config, last, best, teacher_accuracy)
 
@@ -328,6 +330,7 @@ def main(argv=None):
     args = parse_args(argv)
     config = resolve_config(args)
     out = Path(args.resume if isinstance(args.resume, str) else args.out or runs.default_folder(config))
+    # --resume of a job stopped in its teacher part resumes that part, and then starts this run (resume False)
     resume = bool(args.resume) and teachers.resumes(out, config, teacher_training_config(config))
     if resume:
         config = runs.resumed_config(config, out, args.given, runs.read_checkpoint(out, None))
@@ -339,7 +342,7 @@ def main(argv=None):
     try:
         return run(config, out, resume)
     except KeyboardInterrupt:  # before a run folder was claimed (a run's own interrupt exits inside run)
-        print("interrupted before training began: nothing was written", file=sys.stderr)
+        print(f"interrupted before {out} was claimed: nothing was written there", file=sys.stderr)
         sys.exit(130)
 
 
