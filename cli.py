@@ -24,8 +24,7 @@ class Parser(argparse.ArgumentParser):
 
 
 def number(kind=float, minimum=None, above=False, maximum=None, why=""):
-    """argparse type: a finite int or float, at least (with above: more than) minimum and at most maximum; nan and
-    inf are refused by name, since they pass every "> 0" check."""
+    """argparse type: a finite int or float in [minimum (above: excluded), maximum]; nan and inf pass "> 0" checks."""
     def parse(text):
         try:
             value = kind(text)
@@ -34,10 +33,10 @@ def number(kind=float, minimum=None, above=False, maximum=None, why=""):
         if not math.isfinite(value):
             raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
         if minimum is not None and (value <= minimum if above else value < minimum) or \
-                maximum is not None and value > maximum:
-            bounds = f"{'more than' if above else 'at least'} {minimum}" if minimum is not None else ""
-            bounds += (" and " if bounds and maximum is not None else "") + (f"at most {maximum}" if maximum else "")
-            raise argparse.ArgumentTypeError(f"must be {bounds}{why}, got {text}")
+                value > (math.inf if maximum is None else maximum):
+            bounds = [f"{'more than' if above else 'at least'} {minimum}"] * (minimum is not None) + \
+                [f"at most {maximum}"] * (maximum is not None)
+            raise argparse.ArgumentTypeError(f"must be {' and '.join(bounds)}{why}, got {text}")
         return value
     return parse
 
@@ -54,3 +53,20 @@ def read_json(path, required=()):
     if missing:
         raise ValueError(f"{path} lacks {', '.join(missing)}")
     return content
+
+
+# ---- the recipe (CRD's, as the paper trains): train.py applies it, report.py reads older runs by it ---------------
+
+RECIPE = {"feat_weight": 2.0, "temperature": 4.0, "projector": "mlp", "hidden_dim": 1024, "norm": "bn",
+          "distance": "logsum", "alpha": 4.0, "batch_size": 64, "weight_decay": 5e-4}  # train.py's flag defaults
+EPOCHS = 240
+SMALL_LR = ("MobileNetV2", "ShuffleV1", "ShuffleV2")  # models CRD trains with lr 0.01
+
+
+def recipe(method, model, epochs=None):
+    """RECIPE and the values that follow from the method, the model trained and the epochs (None: EPOCHS): the lr, the
+    loss weights, and the lr milestones at 5/8, 6/8 and 7/8 of the epochs, rounded down."""
+    kd, epochs_run = method == "kd", epochs or EPOCHS
+    return {**RECIPE, "epochs": EPOCHS, "milestones": [max(1, epochs_run * k // 8) for k in (5, 6, 7)],
+            "lr": 0.01 if model in SMALL_LR else 0.05, "ce_weight": 0.1 if kd else 1.0, "kd_weight": 0.9 if kd else 0.0,
+            "feat_weight": RECIPE["feat_weight"] if method == "srd" else 0.0}

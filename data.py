@@ -198,7 +198,10 @@ def _checked_arrays(batch, path):
 
     if not isinstance(batch, dict) or b"data" not in batch or b"fine_labels" not in batch:
         raise bad("expected a dict with b'data' and b'fine_labels'")
-    pixels, labels = batch[b"data"], np.asarray(batch[b"fine_labels"])
+    try:
+        pixels, labels = batch[b"data"], np.asarray(batch[b"fine_labels"])
+    except ValueError:  # a ragged list of lists, which numpy cannot make one array of
+        raise bad("b'fine_labels' should be a flat list of integers, got lists of uneven lengths") from None
     if not isinstance(pixels, np.ndarray) or pixels.ndim != 2 or pixels.shape[1] != 3 * 32 * 32:
         raise bad(f"b'data' should be an N x 3072 array, got {getattr(pixels, 'shape', type(pixels).__name__)}")
     if pixels.dtype != np.uint8:  # casting floats in [0, 1] or ints above 255 would give black or wrapped images
@@ -221,15 +224,19 @@ def crop_and_flip(images, offsets, flips):
 
     images: uint8 N x 3 x 32 x 32; offsets: N x 2 (top, left) in {0..8}; flips: N bools. Output pixel (i, j) of
     image n is padded pixel (top + i, left + j), or (top + i, left + 31 - j) when flipped: the flip is folded into
-    the column index, so cropping and flipping cost a single indexing operation on the padded images."""
+    the column index, so cropping and flipping cost a single indexing operation on the padded images. The result has
+    the memory format of `images` (channels_last in, channels_last out: no conversion per batch)."""
     size = images.shape[-1]
     padded = torch.nn.functional.pad(images, (PAD, PAD, PAD, PAD))  # zeros: black pixels, as torchvision pads
     steps = torch.arange(size, device=images.device)
     rows = offsets[:, 0, None] + steps  # N x 32
     cols = offsets[:, 1, None] + torch.where(flips[:, None].bool(), size - 1 - steps, steps)  # N x 32
     n = torch.arange(len(images), device=images.device)[:, None, None, None]
-    channels = torch.arange(images.shape[1], device=images.device)[None, :, None, None]
-    return padded[n, channels, rows[:, None, :, None], cols[:, None, None, :]]  # broadcasts to N x 3 x 32 x 32
+    channels = torch.arange(images.shape[1], device=images.device)
+    if images.is_contiguous(memory_format=torch.channels_last) and not images.is_contiguous():
+        # gathered as N x 32 x 32 x 3, whose N x 3 x 32 x 32 view is channels_last
+        return padded[n, channels, rows[:, :, None, None], cols[:, None, :, None]].permute(0, 3, 1, 2)
+    return padded[n, channels[:, None, None], rows[:, None, :, None], cols[:, None, None, :]]  # N x 3 x 32 x 32
 
 
 def view_index(offsets, flips):
@@ -251,10 +258,13 @@ class Loader:
     following epochs exactly. train=False: the images in order, unaugmented.
 
     views=True (train only): each batch also carries which image (its index in `images`) and which of its 162 views
-    (view_index) every sample is, for a lookup of precomputed teacher outputs."""
+    (view_index) every sample is, for a lookup of precomputed teacher outputs. channels_last=True: the images are
+    kept in that memory format on the device, and so are the batches (crop_and_flip and normalise preserve it)."""
 
-    def __init__(self, images, labels, batch_size, train, device, seed=0, views=False):
-        self.images, self.labels = images.to(device), labels.to(device)  # the only host-to-device copy
+    def __init__(self, images, labels, batch_size, train, device, seed=0, views=False, channels_last=False):
+        memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.images = images.to(device, memory_format=memory_format)  # the only host-to-device copy, and conversion
+        self.labels = labels.to(device)
         self.batch_size, self.train, self.device, self.views = batch_size, train, torch.device(device), views
         if views and not train:
             raise ValueError("views=True describes the augmentation of a training loader; this one has none")

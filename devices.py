@@ -3,20 +3,23 @@ checks and messages around them. A reader of the training loop may skip this fil
 
     device (CUDA compute capability)            precision                   torch.compile   channels_last, fused SGD
     A100, H100, H200, RTX 30/40 (8.0 and up)    bf16 autocast               on              on
-    V100 (7.0), T4 and RTX 20 (7.5)             fp16 autocast + GradScaler  on              on
-    P100 (6.0) and older                        fp16 autocast + GradScaler  off             on
+    T4 and RTX 20 (7.5)                         fp16 autocast + GradScaler  on              on
+    V100 (7.0), P100 (6.0) and older            refused by torch 2.8+'s CUDA 12.8+ builds (no kernels for them): with a
+                                                build that has them (e.g. a CUDA 12.6 wheel), fp16 + GradScaler, and
+                                                torch.compile from 7.0 only
     CPU                                         fp32                        off             off
 
-bf16 has tensor-core support from capability 8.0 on (below it torch.cuda.is_bf16_supported(including_emulation=False)
-is False and bf16 is emulated, slowly); fp16 with dynamic loss scaling is the standard answer on 7.x, whose tensor
-cores take fp16. torch.compile's Triton backend refuses GPUs below 7.0 (GPUTooOldForTriton), so those run eagerly.
-channels_last and fused SGD stay on for every CUDA device: both are plain CUDA kernels with no capability floor, and
-fused SGD applies the GradScaler's unscaling and skip inside its kernel. The losses are float32 in every case
-(losses.py). A flag given on the command line always wins over these defaults.
+bf16 has tensor cores from capability 8.0 on (below, it is emulated, slowly); fp16 with dynamic loss scaling is the
+standard answer on 7.x. torch.compile's Triton backend refuses GPUs below 7.0. A torch build carries kernels for a
+list of architectures (torch.cuda.get_arch_list()): a GPU outside it is refused before anything is loaded, not at its
+first kernel. channels_last and fused SGD have no capability floor. A step the GradScaler skips (overflow) reaches
+the fused kernel, which then writes nothing, not even the momentum buffers it creates at a first step: so
+train.build_student creates them as zeros. fp32 is IEEE float32: TF32, cuDNN's default for convolutions on 8.0+, is
+off and recorded (config "tf32"), and the losses are float32 in every case. A flag given always wins.
 """
 import argparse
 import contextlib
-import os
+import re
 import sys
 
 import torch
@@ -29,19 +32,43 @@ NATIVE_BF16, TRITON = (8, 0), (7, 0)  # the compute capabilities each needs
 CPU_EXPERIMENT = "python train.py --teacher resnet20 --student resnet8 --train-subset 10000 --epochs 10"
 
 
+def has_kernels_for(capability, arch_list):
+    """Whether a torch built for arch_list (["sm_75", "sm_80", ..., "compute_90"]) runs on a GPU of `capability`:
+    a binary for sm_XY runs on X.Y' for Y' >= Y (the same major), PTX (compute_XY) is compiled for any later one."""
+    for arch in arch_list:
+        kind, _, digits = arch.partition("_")
+        number = re.sub(r"\D", "", digits)  # sm_90a: 90
+        major, minor = int(number[:-1] or 0), int(number[-1:] or 0)
+        if (kind == "sm" and major == capability[0] and minor <= capability[1]) or \
+                (kind == "compute" and (major, minor) <= tuple(capability)):
+            return True
+    return not arch_list  # a build that lists nothing: nothing to check against
+
+
 def check(device):
-    """Refuse a --device this machine does not have, before anything is loaded."""
+    """Refuse a --device this machine or this torch cannot train on, before anything is loaded; make a CUDA device
+    the current one, so that everything acting on "the" device (RNG states, synchronize, memory) acts on it."""
     try:
         parsed = torch.device(device)
     except RuntimeError:
         sys.exit(f"error: --device {device!r} is not a device name torch knows: use cpu, cuda, or cuda:N")
     if parsed.type not in ("cpu", "cuda"):
         sys.exit(f"error: --device {device}: this project trains on cpu or cuda")
-    if parsed.type == "cuda" and not torch.cuda.is_available():
+    if parsed.type == "cpu":
+        return
+    if not torch.cuda.is_available():
         sys.exit(f"error: --device {device}, but torch {torch.__version__} sees no CUDA device here: drop --device to "
                  f"train on the CPU, or install a CUDA build of torch on a machine with an NVIDIA GPU")
-    if parsed.type == "cuda" and (parsed.index or 0) >= torch.cuda.device_count():
+    if (parsed.index or 0) >= torch.cuda.device_count():
         sys.exit(f"error: --device {device}, but this machine has {torch.cuda.device_count()} CUDA device(s)")
+    capability, arch_list = torch.cuda.get_device_capability(device), torch.cuda.get_arch_list()
+    if not has_kernels_for(capability, arch_list):
+        sys.exit(f"error: {torch.cuda.get_device_name(device)} (compute capability {'%d.%d' % capability}) cannot "
+                 f"run this torch {torch.__version__}: it carries kernels for {', '.join(arch_list)} only, so the "
+                 f"first CUDA kernel would fail (\"no kernel image is available\"). Install a torch build for this "
+                 f"GPU: an older CUDA variant of the wheel (torch's install selector, pytorch.org, lists which GPUs "
+                 f"each supports), or train on the CPU with --device cpu")
+    torch.cuda.set_device(parsed)
 
 
 def add_flags(parser):
@@ -50,7 +77,6 @@ def add_flags(parser):
     speed = parser.add_argument_group("speed (defaults chosen from the device: see devices.py)")
     speed.add_argument("--precision", choices=PRECISIONS, help="autocast of the networks (default bf16 on GPUs of "
                        "compute capability 8.0+, fp16 with loss scaling on older GPUs, fp32 on the CPU)")
-    speed.add_argument("--bf16", action=argparse.BooleanOptionalAction, help=argparse.SUPPRESS)  # before --precision
     for name, what in (("channels-last", "channels_last memory format (default on CUDA)"),
                        ("compile", "torch.compile of the step (default on CUDA of capability 7.0+)"),
                        ("fused-sgd", "the SGD update in one fused kernel, else foreach (default on CUDA)")):
@@ -63,14 +89,7 @@ def add_flags(parser):
 
 def choose(device, args):
     """The speed switches of a run on `device` (the table above), each overridden by its flag where one was given;
-    returns them with the device's name and capability, and the lines saying what was chosen and why."""
-    asked, lines = {key: getattr(args, key) for key in ("precision", "compile", "channels_last", "fused_sgd")}, []
-    if args.bf16 is not None:  # the switch --precision replaced, kept working for a while
-        alias, old = ("bf16", "--bf16") if args.bf16 else ("fp32", "--no-bf16")
-        if asked["precision"] not in (None, alias):
-            sys.exit(f"error: --precision {asked['precision']} contradicts {old}: give --precision alone")
-        asked["precision"] = alias
-        lines.append(f"warning: {old} is deprecated: it means --precision {alias} (use that)")
+    returns them with the device's name and capability, and the lines saying what was chosen."""
     if not device.startswith("cuda"):
         name, capability = "cpu", None
         default = {"precision": "fp32", "compile": False, "channels_last": False, "fused_sgd": False}
@@ -78,31 +97,39 @@ def choose(device, args):
         name, capability = torch.cuda.get_device_name(device), tuple(torch.cuda.get_device_capability(device))
         default = {"precision": "bf16" if capability >= NATIVE_BF16 else "fp16", "compile": capability >= TRITON,
                    "channels_last": True, "fused_sgd": True}
-    chosen = {key: default[key] if asked.get(key) is None else asked[key] for key in default}
+    chosen = {key: default[key] if getattr(args, key) is None else getattr(args, key) for key in default}
     if args.cuda_graphs and not (capability and chosen["compile"]):
         sys.exit("error: --cuda-graphs needs a CUDA device and --compile (it replays the compiled step)")
-    chosen.update(device_name=name, capability=None if capability is None else "%d.%d" % capability)
-    why_precision = why_compile = ""
-    if capability and asked.get("precision") is None:
-        why_precision = ", bf16 is native here" if chosen["precision"] == "bf16" else ", bf16 is not native here"
-    if capability and not chosen["compile"] and asked.get("compile") is None:
-        why_compile = " (torch.compile's Triton backend needs compute capability 7.0; --compile forces it)"
-    lines.insert(0, line(chosen, why_precision, why_compile))
-    where = line(chosen).split(": ")[1]
+    # IEEE float32 wherever float32 runs: the paper's arithmetic for fp32, and the losses' under autocast
+    chosen.update(device_name=name, capability=None if capability is None else "%d.%d" % capability, tf32=False)
+    lines = [line(chosen)]
     if capability and chosen["precision"] == "bf16" and capability < NATIVE_BF16:
-        lines.append(f"warning: --precision bf16 on {where}, which has no native bf16: torch emulates it, slowly; "
-                     f"--precision fp16 (the default here) runs on its tensor cores")
+        lines.append(f"warning: --precision bf16 on {name}, which has no native bf16 (compute capability below 8.0): "
+                     f"torch emulates it, slowly; --precision fp16 (the default here) runs on its tensor cores")
     if not capability and chosen["precision"] == "fp16":
         lines.append("warning: --precision fp16 on the CPU: torch emulates fp16 there, slower than fp32; it is for "
                      "testing the fp16 path (the CPU's default is --precision fp32)")
     return chosen, lines
 
 
-def line(config, why_precision="", why_compile=""):
+def line(config):
     """What a run's device gets, in one line: "device: Tesla T4 (compute capability 7.5): fp16 autocast ..."."""
     where = config["device_name"] + (f" (compute capability {config['capability']})" if config["capability"] else "")
     precision = {"bf16": "bf16 autocast", "fp16": "fp16 autocast with loss scaling", "fp32": "fp32"}[config["precision"]]
-    return f"device: {where}: {precision}{why_precision}; {'compiled' if config['compile'] else 'eager'}{why_compile}"
+    return f"device: {where}: {precision}; {'compiled' if config['compile'] else 'eager'}"
+
+
+def apply(config):
+    """The process-wide switches of a run: cuDNN's autotuning (fixed input shapes: each shape's fastest kernels are
+    picked once), and TF32 as the configuration records it."""
+    torch.backends.cudnn.benchmark = True
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = config.get("tf32", False)
+
+
+def synchronize(config):
+    """Wait for the device's queued kernels (CUDA runs asynchronously), so that a time read next is theirs."""
+    if config["device"].startswith("cuda"):
+        torch.cuda.synchronize()
 
 
 def autocast(config):
@@ -112,18 +139,15 @@ def autocast(config):
 
 
 def free_memory(device):
-    """Bytes free on a CUDA device, or available RAM for the CPU (Linux's MemAvailable, else free pages; None where
-    the platform does not say)."""
+    """Bytes free on a CUDA device, or available RAM for the CPU (Linux's MemAvailable; None where the platform does
+    not say)."""
     if str(device).startswith("cuda"):
         return torch.cuda.mem_get_info(torch.device(device))[0]
     try:
         with open("/proc/meminfo") as f:
             return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
-    except (OSError, StopIteration):
-        try:
-            return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-        except (AttributeError, ValueError, OSError):  # Windows has no sysconf, macOS not this name
-            return None
+    except (OSError, StopIteration):  # not Linux: the caller says the size goes unchecked
+        return None
 
 
 def duration(seconds):
@@ -164,21 +188,16 @@ def warn_if_graphs_skipped(skips_before):
               "code; TORCH_LOGS=cudagraphs shows why", flush=True)
 
 
-def is_compile_error(error):
-    """torch.compile's failures: dynamo's exceptions, and inductor's or Triton's (a C++ compiler missing or failing,
-    a GPU too old for Triton), which the lazily compiled backward pass can raise unwrapped."""
-    return (isinstance(error, torch._dynamo.exc.TorchDynamoException)
-            or type(error).__module__.startswith(("torch._inductor", "triton")))
-
-
 @contextlib.contextmanager
 def compile_failures_explained(config, resumed):
     """A torch.compile failure inside the block exits with its first lines and --no-compile as the way out (no
-    silent fallback: the user decides)."""
+    silent fallback: the user decides). Its failures: dynamo's exceptions, and inductor's or Triton's (a C++ compiler
+    missing or failing, a GPU too old for Triton), which the lazily compiled backward pass can raise unwrapped."""
     try:
         yield
     except Exception as error:
-        if not (config["compile"] and is_compile_error(error)):
+        if not config["compile"] or not (isinstance(error, torch._dynamo.exc.TorchDynamoException)
+                                         or type(error).__module__.startswith(("torch._inductor", "triton"))):
             raise
         first_lines = " | ".join(line.strip() for line in str(error).strip().splitlines()[:3] if line.strip())
         sys.exit(f"error: torch.compile failed on the training step ({type(error).__name__}: {first_lines[:500]}). "

@@ -8,7 +8,6 @@ strict=True (the parameter counts in test_models.py are the zoo's published ones
 Every model maps a 32x32 image batch to logits; `model(x, return_features=True)` also returns the pooled
 penultimate vector (B x model.feature_dim) that the classifier reads, which is what a projector distils.
 """
-import pickle
 import re
 import warnings
 from collections.abc import Mapping
@@ -420,78 +419,52 @@ def build_model(name, num_classes=100):
     return _BUILDERS[name](num_classes=num_classes)
 
 
-def _abbreviate(keys, limit=6):
-    keys = list(keys)
-    more = f", ... ({len(keys) - limit} more)" if len(keys) > limit else ""
-    return ", ".join(keys[:limit]) + more
-
-
 def _is_state_dict(obj):
     return isinstance(obj, Mapping) and len(obj) > 0 and all(
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that cannot, or must not, be loaded; the message says which and why."""
-
-
 def read_checkpoint(path):
-    """torch.load(path, weights_only=True) onto the CPU, with one clear message for each way a file can be bad.
-
-    weights_only=True refuses pickled code: a checkpoint can carry a call (os.system, say) that a plain torch.load
-    would run. Such a file is reported and left unloaded; torch's hint to retry with weights_only=False is
-    deliberately not passed on."""
+    """torch.load(path, weights_only=True) onto the CPU (the zoo saved CUDA tensors), one message per way it fails.
+    weights_only refuses pickled code (a call such as os.system, which a plain torch.load would run); torch's hint to
+    retry unsafely is deliberately not passed on."""
     path = Path(path)
-    if path.is_dir():
-        raise IsADirectoryError(f"{path} is a folder, not a checkpoint file")
     if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint file at {path}")
+        raise IsADirectoryError(f"{path} is a folder, not a checkpoint file") if path.is_dir() else \
+            FileNotFoundError(f"no checkpoint file at {path}")
     try:
         with warnings.catch_warnings():  # torch warns of a plain pickle's protocol before refusing it: one message
             warnings.simplefilter("ignore", UserWarning)
-            return torch.load(path, map_location="cpu", weights_only=True)  # CPU: the zoo saved CUDA tensors
-    except pickle.UnpicklingError as error:
-        named = re.search(r"GLOBAL ([\w.]+)", str(error))
-        if named:
-            raise CheckpointError(f"{path} holds code or objects a checkpoint should not ({named.group(1)}), so it "
-                                  f"was not loaded: a checkpoint holds only tensors, numbers and strings") from None
-        raise CheckpointError(f"{path} is not a readable checkpoint (corrupt or not a torch file)") from None
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises many types for a truncated or foreign file
-        first = str(error).split(". ")[0].strip() or "the file ends early"
-        raise CheckpointError(f"{path} is not a readable checkpoint: truncated, corrupt or not a torch file "
-                              f"({type(error).__name__}: {first[:200]})") from None
+        named = re.search(r"GLOBAL ([\w.]+)", str(error))
+        raise ValueError(f"{path} holds code or objects a checkpoint should not ({named.group(1)}), so it was not "
+                         f"loaded: a checkpoint holds only tensors, numbers and strings" if named else
+                         f"{path} is not a readable checkpoint: truncated, corrupt or not a torch file "
+                         f"({type(error).__name__})") from None
 
 
 def load_weights(model, path):
-    """Load a checkpoint's weights strictly into model and return the checkpoint dict.
-
-    Accepts the zoo's format ({"model": state_dict, "epoch", "accuracy", "optimizer"}), this project's own
-    (the same plus extra entries) and a bare state_dict (returned wrapped as {"model": state_dict}).
-    """
+    """Load a checkpoint's weights strictly into model and return the checkpoint: the zoo's {"model": state_dict,
+    "epoch", "accuracy", "optimizer"}, this project's (the same and more), or a bare state_dict (as {"model": it})."""
     checkpoint = read_checkpoint(path)
-    if isinstance(checkpoint, Mapping) and _is_state_dict(checkpoint.get("model")):
-        state = checkpoint["model"]
-    elif _is_state_dict(checkpoint):
-        state, checkpoint = checkpoint, {"model": checkpoint}
-    else:
-        raise ValueError(f"{path} holds no model weights: expected a state_dict or a dict with a 'model' state_dict")
-
-    load_state(model, state, path)
+    checkpoint = {"model": checkpoint} if _is_state_dict(checkpoint) else checkpoint
+    load_state(model, checkpoint.get("model") if isinstance(checkpoint, Mapping) else None, path)
     return checkpoint
 
 
 def load_state(model, state, source):
-    """model.load_state_dict(state) strictly; on a mismatch, a ValueError naming the missing, unexpected and
-    mis-shaped keys (torch's own message lists them all, hundreds for a deep network)."""
+    """model.load_state_dict(state) strictly, or a ValueError naming the first missing, unexpected and mis-shaped keys
+    (torch's own message lists them all, hundreds for a deep network)."""
+    if not _is_state_dict(state):
+        raise ValueError(f"{source} holds no model weights: expected a state_dict or a dict with a 'model' state_dict")
     expected = model.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    mismatched = [f"{k} {tuple(state[k].shape)} vs {tuple(expected[k].shape)}"
-                  for k in expected if k in state and state[k].shape != expected[k].shape]
-    if missing or unexpected or mismatched:
-        problems = [f"{label} ({len(keys)}): {_abbreviate(keys)}" for label, keys in
-                    (("missing keys", missing), ("unexpected keys", unexpected),
-                     ("shape mismatches, checkpoint vs model", mismatched)) if keys]
-        raise ValueError(f"{source} does not fit {type(model).__name__} (another architecture?); "
-                         + "; ".join(problems))
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
+              if k in state and state[k].shape != v.shape]
+    problems = {"missing keys": [k for k in expected if k not in state], "unexpected keys": [k for k in state if
+                k not in expected], "shape mismatches, checkpoint vs model": shapes}
+    if any(problems.values()):
+        raise ValueError(f"{source} does not fit {type(model).__name__} (another architecture?); " + "; ".join(
+            f"{label} ({len(keys)}): {', '.join(keys[:6])}" + (f", ... ({len(keys) - 6} more)" if len(keys) > 6 else "")
+            for label, keys in problems.items() if keys))
     model.load_state_dict(state)

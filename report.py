@@ -1,19 +1,17 @@
 """Summarise train.py's runs: accuracy over seeds as a Markdown table, and training curves.
 
-    python report.py                                 # runs below runs/: runs/report.md, report.csv, curves.png, spectrum.png
-    python report.py runs/ other/runs/ --out results/   # pool several folders (seeds run on different machines)
-    python report.py --synthetic                     # only the synthetic-data runs: runs/synthetic-report.md, ...
+    python report.py                                   # runs below runs/: runs/report.md, report.csv, the figures
+    python report.py runs/ other/runs/ --out results/  # pool several folders (seeds run on different machines)
 
 Runs whose configurations differ only in the seed (or in where and how fast they ran) make one row: mean and sample
-standard deviation of the test accuracy at the last epoch and at the best epoch. Runs on synthetic data (--dataset
-fake, fake-full) test the code, not the method: they are counted but left out unless --synthetic asks for them alone.
+standard deviation of the test accuracy at the last epoch and at the best epoch. The dataset is a column: runs on
+synthetic data (--dataset fake, fake-full) test the code, not the method, and never share a row with CIFAR-100's.
 The figures have a colour per row: curves.png the test accuracy and loss terms per epoch, spectrum.png the spectrum of
 the projector of the rows that have one (srd): FIGURE, below, in report.md too.
 """
 import csv
 import json
 import math
-import os
 import statistics
 import sys
 import textwrap
@@ -28,26 +26,23 @@ import numpy as np
 import cli
 
 # Keys of config.json that never split a group: the seed (what a row averages over), where the data and the teacher's
-# file live (the teacher is told apart by its file's sha256), and the speed switches, which change at most the order
-# of float32 operations (the device's random streams differ, as another seed's would; --teacher-cache gives
-# bit-identical results). The precision is not one of them: bf16 and fp16 autocast round every activation to 8 and
-# 11 significant bits, by an effect on accuracy nobody here has measured, and the paper's numbers are float32, so
-# bf16, fp16 and fp32 runs stay in separate rows.
-NOT_THE_EXPERIMENT = ("seed", "data_dir", "no_download", "device", "device_name", "capability",
+# file live (the data's checksum, which older runs lack, is checked on resume; the teacher is told apart by its
+# sha256), and the speed switches that change at most the order of float32 operations (as another seed's random
+# streams would; --teacher-cache is bit-identical). Not the precision nor TF32: bf16, fp16 and TF32 keep 8, 11 and 11
+# significant bits, by an effect on accuracy nobody here has measured, and the paper's numbers are float32.
+NOT_THE_EXPERIMENT = ("seed", "data_dir", "data_md5", "no_download", "device", "device_name", "capability",
                       "compile", "channels_last", "fused_sgd", "cuda_graphs", "teacher_cache", "teacher_file")
 TEACHER_IDENTITY = "teacher_sha256"  # train.py records the teacher file's hash; runs before it have only the path
-COLUMNS_OF_THE_TABLE = ("student", "teacher", "method")  # shown in columns of their own, not among the flags
-SMALL_LR_STUDENTS = ("MobileNetV2", "ShuffleV1", "ShuffleV2")  # train.py's lr-0.01 students
-SYNTHETIC_DATASETS = ("fake", "fake-full")  # data.py's generated images: smoke and timing runs, never results
+COLUMNS_OF_THE_TABLE = ("dataset", "student", "teacher", "method")  # shown in columns of their own, not among flags
 LOSS_STYLES = {"loss_ce": "-", "loss_feat": "--", "loss_kd": ":"}
 LAYER_STYLES = {"proj1": "-", "proj2": "--"}  # the projector's linear layers (mlp has two, linear one)
 SPECTRUM_PANELS = {"sv_over_1pct": "singular values above 1% of the largest", "effective_rank": "effective rank"}
 SPECTRUM_COLUMNS = tuple(f"{layer}_{what}" for layer in LAYER_STYLES for what in SPECTRUM_PANELS)
 MARKERS_UP_TO = 20  # epochs: a curve this short has a marker per epoch (a one-epoch line is otherwise invisible)
-CSV_FIELDS = ("teacher", "student", "method", "setting", "runs", "seeds", "last_acc_mean", "last_acc_std",
+CSV_FIELDS = ("dataset", "teacher", "student", "method", "setting", "runs", "seeds", "last_acc_mean", "last_acc_std",
               "best_acc_mean", "best_acc_std", "teacher_acc", "wall_time_s", "folders")
 FOOTER = """Top-1 test accuracy (%): mean ± sample standard deviation (ddof=1) over a row's runs, which differ only in
---seed and in what does not change the experiment (device, data folder, speed switches other than --precision); "–"
+--seed and in what does not change the experiment (device, data folder, speed switches but --precision, TF32); "–"
 where a row has a single run. Last epoch: the accuracy after the final epoch (what RepDistiller and CRD report). Best
 epoch: the highest test accuracy over all epochs (what DKD and mdistiller report; picked on the test set, so it
 flatters). Setting: the flags where a row departs from the paper's recipe, whose arithmetic is float32 (--precision
@@ -57,22 +52,16 @@ each loss term used. spectrum.png, for rows whose runs have a projector (srd), t
 how many singular values of each linear layer exceed 1% of its largest, and its effective rank exp(H(s / sum s))."""
 
 
-class BadRun(Exception):
-    """A run folder whose files cannot be trusted: it is reported and left out."""
+class BadRun(ValueError):
+    """A run folder whose files cannot be trusted (cli.read_json's ValueError too): it is reported and left out."""
 
 
 def recipe_defaults(config):
-    """What config.json holds for a flag not given (test_report.py checks this against train.resolve_config).
-
-    A key that an older config.json lacks takes this value, so old and new runs of one experiment group together."""
-    kd, srd, epochs = config["method"] == "kd", config["method"] == "srd", config.get("epochs", 240)
-    return {"teacher": None, "teacher_ckpt": None, "feat_weight": 2.0 if srd else 0.0,
-            "kd_weight": 0.9 if kd else 0.0, "ce_weight": 0.1 if kd else 1.0, "temperature": 4.0,
-            "projector": "mlp", "hidden_dim": 1024, "norm": "bn", "distance": "logsum", "alpha": 4.0,
-            "epochs": 240, "milestones": [max(1, epochs * k // 8) for k in (5, 6, 7)], "batch_size": 64,
-            "weight_decay": 5e-4, "lr": 0.01 if config["student"] in SMALL_LR_STUDENTS else 0.05,
-            "dataset": "cifar100", "train_subset": None,
-            "precision": "fp32"}  # the paper's arithmetic; on GPUs train.py picks bf16 or fp16, for speed
+    """What config.json holds for a flag not given: cli.recipe's values, data.py's dataset, the paper's float32
+    arithmetic (train.py picks bf16 or fp16 on GPUs, for speed) without TF32. A key that an older config.json lacks
+    takes this value, so old and new runs of one experiment group together."""
+    return {"teacher": None, "teacher_ckpt": None, "dataset": "cifar100", "train_subset": None, "precision": "fp32",
+            "tf32": False, **cli.recipe(config["method"], config["student"], config["epochs"])}
 
 
 def number(value, where):
@@ -86,22 +75,17 @@ def number(value, where):
     return result
 
 
-def read_json(path, required):
-    try:
-        return cli.read_json(path, required)
-    except ValueError as error:
-        raise BadRun(str(error)) from None
-
-
 def read_log(path):
     """log.csv's curves as {column: [one value per epoch]}; anything but whole numeric rows from epoch 1 is bad. The
     projector's spectrum is optional (older logs, runs without one): an empty cell is NaN, an empty column absent."""
     try:
         with open(path, newline="") as f:
             reader = csv.DictReader(f)
-            rows, header = list(reader), reader.fieldnames or ()  # None for an empty file
+            rows, header = list(reader), reader.fieldnames
     except (OSError, UnicodeDecodeError, csv.Error) as error:
         raise BadRun(f"{path}: unreadable ({error})")
+    if header is None:  # train.py writes the header before the first epoch: an empty file lost what it held
+        raise BadRun(f"{path}: empty (no header, no epoch)")
     missing = {"epoch", "test_acc", *LOSS_STYLES} - set(header)
     if missing:
         raise BadRun(f"{path}: no column {', '.join(sorted(missing))}")
@@ -117,22 +101,23 @@ def read_log(path):
 
 
 def find_runs(runs_dirs):
-    """Every run folder (one holding config.json) below runs_dirs -> finished runs, unfinished runs as (config,
-    line), problems."""
+    """Every run folder (one holding config.json) below runs_dirs -> finished runs, unfinished runs' lines, problems."""
     finished, unfinished, problems = [], [], []
     for config_path in sorted(path for folder in runs_dirs for path in folder.rglob("config.json")):
         folder = config_path.parent
         try:
-            config = read_json(config_path, ("student", "method"))
+            config = {"epochs": cli.EPOCHS, **cli.read_json(config_path, ("student", "method"))}
+            if type(config["epochs"]) is not int or config["epochs"] < 1:  # the milestones' default is computed from it
+                raise BadRun(f"{config_path}: epochs is not a positive whole number: {config['epochs']!r}")
             bf16 = config.pop("bf16", None)  # an older train.py's switch, where today's records "precision"
             config = {"precision": "bf16" if bf16 else "fp32", **config} if bf16 is not None else config
             config = {**recipe_defaults(config), **config}
             logged = (folder / "log.csv").exists()
             if not (folder / "summary.json").exists():
                 epochs = len(read_log(folder / "log.csv")["epoch"]) if logged else 0
-                unfinished.append((config, f"{folder}: {epochs} of {config['epochs']} epochs logged"))
+                unfinished.append(f"{folder}: {epochs} of {config['epochs']} epochs logged")
                 continue
-            summary = read_json(folder / "summary.json", ("last_accuracy", "best_accuracy", "last_epoch",
+            summary = cli.read_json(folder / "summary.json", ("last_accuracy", "best_accuracy", "last_epoch",
                                                          "teacher_accuracy", "wall_time_s"))
             numbers = {key: number(summary[key], f"{folder / 'summary.json'}: {key}")
                        for key in ("last_accuracy", "best_accuracy", "last_epoch", "wall_time_s")}
@@ -146,7 +131,7 @@ def find_runs(runs_dirs):
                 raise BadRun(f"{folder / 'log.csv'}: {len(curves['epoch'])} epochs, summary.json says "
                              f"{numbers['last_epoch']:.0f}")
             finished.append({"folder": folder, "config": config, "curves": curves, **numbers})
-        except BadRun as error:
+        except ValueError as error:  # BadRun, and cli.read_json's
             problems.append(str(error))
     return finished, unfinished, problems
 
@@ -159,9 +144,10 @@ def experiment(config):
 
 
 def flags(config):
-    """train.py's flags where this configuration departs from the recipe (a key unknown here is always shown)."""
+    """train.py's flags where this configuration departs from the recipe (a key unknown here is always shown), in
+    alphabetical order: the same whatever order a train.py wrote config.json in."""
     defaults, shown = recipe_defaults(config), []
-    for key, value in config.items():
+    for key, value in sorted(config.items()):
         if (key in NOT_THE_EXPERIMENT or key in COLUMNS_OF_THE_TABLE or key == TEACHER_IDENTITY
                 or key in defaults and defaults[key] == value):
             continue
@@ -173,13 +159,10 @@ def flags(config):
     return shown
 
 
-def setting(config):
-    return " ".join(flags(config))
-
-
 def name(config):
-    return f"{config['teacher']} -> {config['student']} {config['method']}" if config["teacher"] else \
-        f"{config['student']} alone"
+    on = "" if config["dataset"] == "cifar100" else f" on {config['dataset']}"
+    return (f"{config['teacher']} -> {config['student']} {config['method']}" if config["teacher"] else
+            f"{config['student']} alone") + on
 
 
 def group_runs(runs):
@@ -188,15 +171,15 @@ def group_runs(runs):
     # by seed (right-justified text: numeric order for train.py's integers, and no crash on a hand-edited one)
     for run in sorted(runs, key=lambda r: (str(r["config"].get("seed")).rjust(20), str(r["folder"]))):
         by_experiment.setdefault(experiment(run["config"]), []).append(run)
-    return sorted(by_experiment.values(), key=lambda g: [str(g[0]["config"][key] or "") for key in
-                                                         ("dataset", "student", "teacher", "method")])
+    return sorted(by_experiment.values(),
+                  key=lambda group: [str(group[0]["config"][key] or "") for key in COLUMNS_OF_THE_TABLE])
 
 
 def summarise(runs):
     """One row of the table from the runs of one experiment."""
     config = runs[0]["config"]
-    row = {"teacher": config["teacher"] or "", "student": config["student"], "method": config["method"],
-           "setting": setting(config), "runs": len(runs), "seeds": " ".join(str(r["config"].get("seed")) for r in runs),
+    row = {**{key: config[key] or "" for key in COLUMNS_OF_THE_TABLE}, "setting": " ".join(flags(config)),
+           "runs": len(runs), "seeds": " ".join(str(r["config"].get("seed")) for r in runs),
            "folders": " ".join(str(r["folder"]) for r in runs)}
     for which in ("last", "best"):
         accuracies = [r[f"{which}_accuracy"] for r in runs]
@@ -208,22 +191,23 @@ def summarise(runs):
     return row
 
 
-def markdown(heading, rows, notes, paragraphs):
+def markdown(rows, notes, paragraphs):
     """report.md: the table, what its numbers are, each row's run folders, the notes ((title, lines), those with
     lines), the paragraphs."""
     def accuracy(mean, std):
         return f"{mean:.2f} ± " + ("–" if std is None else f"{std:.2f}")
 
-    lines = [f"# {heading}", "", "| teacher | student | method | setting | runs | last epoch (%) | best epoch (%) "
-             "| teacher (%) | wall time (min) |", "|---|---|---|---|---|---|---|---|---|"]
+    def described(r):
+        return f"{r['dataset']} | {r['teacher'] or '–'} | {r['student']} | {r['method']} | {r['setting']}"
+
+    lines = ["# Runs of train.py", "", "| dataset | teacher | student | method | setting | runs | last epoch (%) "
+             "| best epoch (%) | teacher (%) | wall time (min) |", "|" + "---|" * 10]
     for r in rows:
         teacher_acc = "–" if r["teacher_acc"] is None else f"{r['teacher_acc']:.2f}"
-        lines.append(f"| {r['teacher'] or '–'} | {r['student']} | {r['method']} | {r['setting']} | {r['runs']} | "
-                     f"{accuracy(r['last_acc_mean'], r['last_acc_std'])} | "
+        lines.append(f"| {described(r)} | {r['runs']} | {accuracy(r['last_acc_mean'], r['last_acc_std'])} | "
                      f"{accuracy(r['best_acc_mean'], r['best_acc_std'])} | {teacher_acc} | "
                      f"{r['wall_time_s'] / 60:.1f} |")
-    notes = [("Run folders of each row:", [f"{r['teacher'] or '–'} | {r['student']} | {r['method']} | "
-                                           f"{r['setting']}: {r['folders']}" for r in rows]), *notes]
+    notes = [("Run folders of each row:", [f"{described(r)}: {r['folders']}" for r in rows]), *notes]
     for text in [FOOTER.replace("\n", " "), *("\n".join([title, *(f"- {item}" for item in items)])
                                               for title, items in notes if items), *paragraphs]:
         lines += ["", text]
@@ -279,45 +263,17 @@ def plot(groups, path, spectrum_path):
         style_legend(panel, {f"linear layer {layer[-1]}": style for layer, style in LAYER_STYLES.items()})
     shared = "\n" + textwrap.fill("all groups: " + " ".join(common), 130) if common else ""
     for fig, file, what in ((figure, path, "Test accuracy and training loss"),
-                            (spectrum_figure, spectrum_path, "The projector's singular values")):
-        if fig is None:
-            continue
+                            (spectrum_figure, spectrum_path, "The projector's singular values"))[:1 + spectrum]:
         for panel in fig.axes:
             panel.xaxis.set_major_locator(MaxNLocator(integer=True))
-        shown = accuracy_axes.lines if fig is figure else [line for line in accuracy_axes.lines
-                                                           if any(line.get_color() == other.get_color()
-                                                                  for other in spectrum_axes[0].lines)]
-        # below the panels: labels can be long
-        fig.legend(handles=shown, loc="upper center", bbox_to_anchor=(0.5, 0), fontsize="small")
+        colours = {line.get_color() for line in (accuracy_axes if fig is figure else spectrum_axes[0]).lines}
+        shown = [line for line in accuracy_axes.lines if line.get_color() in colours]
+        fig.legend(handles=shown, loc="upper center", bbox_to_anchor=(0.5, 0), fontsize="small")  # below: long labels
         fig.suptitle(f"{what} per epoch, {len(groups)} group{'s' * (len(groups) > 1)}, mean over seeds" + shared)
         fig.tight_layout()
         fig.savefig(file, dpi=100, bbox_inches="tight")  # "tight": the figure grows to hold legend and title
         plt.close(fig)
     return figure, spectrum_figure
-
-
-def unwritable(out):
-    """Why the report cannot go into the folder out (made if missing), or None. By this process's permissions: root
-    writes into a read-only folder."""
-    existing = next(folder for folder in [out, *out.parents] if folder.exists())  # the folder, or where it goes
-    if not existing.is_dir():
-        return f"{existing} is a file, not a folder"
-    return None if os.access(existing, os.W_OK | os.X_OK) else f"{existing} is not writable"
-
-
-def select(runs, unfinished, args):
-    """The finished and unfinished runs reported (on CIFAR-100, or with --synthetic on synthetic data), and a note
-    counting the others, with the command that reports them ("" where there are none)."""
-    def wanted(config):
-        return (config["dataset"] in SYNTHETIC_DATASETS) == args.synthetic
-
-    chosen, unfinished_chosen = [r for r in runs if wanted(r["config"])], [line for c, line in unfinished if wanted(c)]
-    others, other_unfinished = len(runs) - len(chosen), len(unfinished) - len(unfinished_chosen)
-    command = " ".join(["python report.py", *map(str, args.runs_dirs), *(["--out", str(args.out)] if args.out else []),
-                        *([] if args.synthetic else ["--synthetic"])])
-    note = f"{others} finished and {other_unfinished} unfinished runs on " \
-           f"{'CIFAR-100' if args.synthetic else 'synthetic data'} are left out: `{command}` reports them instead."
-    return chosen, unfinished_chosen, note if others or other_unfinished else ""
 
 
 def parse_args(argv=None):
@@ -326,8 +282,6 @@ def parse_args(argv=None):
                    help="folders searched, at any depth, for run folders (default runs/); their runs are pooled")
     p.add_argument("--out", type=Path, help="folder for report.md, report.csv and the figures (default the first "
                    "RUNS_DIR)")
-    p.add_argument("--synthetic", action="store_true", help="report only the runs on synthetic data (--dataset fake, "
-                   "fake-full), into synthetic-report.md, synthetic-report.csv, synthetic-curves.png, ...")
     p.add_argument("--no-plot", action="store_true", help="skip the figures")
     return p.parse_args(argv)
 
@@ -338,33 +292,22 @@ def main(argv=None):
         if not folder.is_dir():
             sys.exit(f"error: {folder} is not a folder (train.py writes its runs below runs/ unless told --out)")
     out = args.out or args.runs_dirs[0]
-    if unwritable(out):  # before anything is read or written
-        sys.exit(f"error: cannot write the report into {out}: {unwritable(out)}; nothing was written (--out FOLDER "
-                 f"chooses where it goes)")
     runs, unfinished, problems = find_runs(args.runs_dirs)
     for problem in problems:
         print(f"skipped {problem}", file=sys.stderr)
-    chosen, unfinished, left_out = select(runs, unfinished, args)
-    if not chosen:
-        sys.exit(f"error: no finished run on {'synthetic data' if args.synthetic else 'CIFAR-100'} below "
-                 f"{', '.join(map(str, args.runs_dirs))} ({len(unfinished)} unfinished, {len(problems)} unreadable; a "
-                 f"finished run folder holds config.json and summary.json)" + (f"; {left_out}" if left_out else ""))
-
-    groups = group_runs(chosen)
+    if not runs:
+        sys.exit(f"error: no finished run below {', '.join(map(str, args.runs_dirs))} ({len(unfinished)} unfinished, "
+                 f"{len(problems)} unreadable; a finished run folder holds config.json and summary.json)")
+    groups = group_runs(runs)
     rows = [summarise(group) for group in groups]
     warnings = [f"{name(group[0]['config'])} {row['setting']}: a seed appears twice ({row['folders']})"
                 for group, row in zip(groups, rows) if len(set(row["seeds"].split())) < len(group)]
     for warning in warnings:  # say, one run copied into two of the RUNS_DIRs
         print(f"warning: {warning}", file=sys.stderr)
-    prefix = "synthetic-" if args.synthetic else ""  # never over the real report
-    paths = [out / f"{prefix}{file}" for file in ("report.md", "report.csv", "curves.png", "spectrum.png")]
-    figure = FIGURE.replace("\n", " ").replace("curves.png", f"{prefix}curves.png").replace(
-        "spectrum.png", f"{prefix}spectrum.png")
-    table = markdown("Runs on synthetic data: tests of the code, not results" if args.synthetic else
-                     "Runs on CIFAR-100", rows,
-                     [("Unfinished runs, not in the table:", unfinished),
-                      ("Skipped runs (a file that cannot be trusted), not in the table:", problems),
-                      ("Warnings:", warnings)], [text for text in (left_out, not args.no_plot and figure) if text])
+    paths = [out / file for file in ("report.md", "report.csv", "curves.png", "spectrum.png")]
+    table = markdown(rows, [("Unfinished runs, not in the table:", unfinished),
+                            ("Skipped runs (a file that cannot be trusted), not in the table:", problems),
+                            ("Warnings:", warnings)], [] if args.no_plot else [FIGURE.replace("\n", " ")])
     print(table, end="")
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -375,8 +318,8 @@ def main(argv=None):
             writer.writerows(rows)  # full precision; an empty cell where there is no value (None)
         if not args.no_plot:
             plot(groups, paths[2], paths[3])
-    except OSError as error:
-        sys.exit(f"error: cannot write the report into {out}: {error}")
+    except OSError as error:  # out is a file, or not writable: said by the error, with the path
+        sys.exit(f"error: cannot write the report into {out}: {error} (--out FOLDER chooses where it goes)")
     print(f"wrote {', '.join(str(path) for path in paths if path.exists())}")
     return rows
 

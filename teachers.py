@@ -1,10 +1,9 @@
 """Where a distillation's teacher comes from, and the teacher cache. A reader of the training loop may skip this file.
 
-The teacher is, in this order: the file a resumed run recorded (checked by sha256: another teacher would change the
-experiment), --teacher-ckpt (this project's checkpoint or a published ckpt_epoch_240.pth), or the last.pt of this
-project's own run of the teacher, in the run folder its recipe names (runs.default_folder). That run is trained
-first, with the student's recipe and data and cross-entropy alone, or finished as it was started, to the job's
-length; a finished one shorter than the job, or one trained on other data, is refused.
+The teacher is, in this order: the file a resumed run recorded (checked by sha256), --teacher-ckpt (this project's
+checkpoint or a published ckpt_epoch_240.pth), or the last.pt of this project's own run of it in runs.default_folder,
+trained first (the student's recipe and data, cross-entropy alone) or finished as started; one shorter than the job,
+or trained on other data (by last.pt's record), is refused.
 """
 import sys
 import time
@@ -24,9 +23,8 @@ CACHE_HEADROOM = 2 * 2 ** 30  # bytes the teacher cache leaves free for training
 
 def training_config(config, lr):
     """How this project trains a distillation's teacher: the same recipe and data, alone, on cross-entropy."""
-    return dict(config, student=config["teacher"], teacher=None, teacher_ckpt=None, method="none", lr=lr,
-                ce_weight=1.0, kd_weight=0.0, feat_weight=0.0, teacher_cache=False, teacher_file=None,
-                teacher_sha256=None)
+    return dict(config, student=config["teacher"], teacher=None, teacher_ckpt=None, method="none", lr=lr, ce_weight=1.0,
+                kd_weight=0.0, feat_weight=0.0, teacher_cache=False, teacher_file=None, teacher_sha256=None)
 
 
 def check_checkpoint(config):
@@ -36,13 +34,11 @@ def check_checkpoint(config):
             models.load_weights(models.build_model(config["teacher"]), config["teacher_ckpt"])
         except (ValueError, OSError) as error:
             sys.exit(f"error: --teacher-ckpt: {error}" + ("; the published CRD teachers are linked in the README "
-                                                          "('Using the published teachers')"
-                                                          if isinstance(error, FileNotFoundError) else ""))
+                     "('Using the published teachers')" if isinstance(error, FileNotFoundError) else ""))
 
 
 def teacher_file(config, teacher_config, train):
-    """The teacher checkpoint of a distillation (the order above). train(teacher_config, folder, resume, then) trains
-    this project's own teacher run where one is needed."""
+    """The teacher checkpoint (the order above); train(teacher_config, folder, resume) trains this project's own."""
     if config.get("teacher_sha256"):
         path = Path(config["teacher_file"])
         if not path.is_file() or data.digest_of(path, "sha256") != config["teacher_sha256"]:
@@ -53,17 +49,19 @@ def teacher_file(config, teacher_config, train):
     if config["teacher_ckpt"]:
         return config["teacher_ckpt"]
     folder = runs.default_folder(teacher_config)
-    try:  # what the folder's run recorded: a teacher of other data there (moved by hand?) is not this job's
-        recorded = cli.read_json(folder / "config.json") if (folder / "config.json").exists() else {}
+    try:  # last.pt's record first, as --resume trusts it: a teacher of other data there is not this job's
+        checkpoint = models.read_checkpoint(folder / "last.pt") if (folder / "last.pt").exists() else {}
+        recorded = checkpoint.get("config") if isinstance(checkpoint, dict) else None
+        recorded = recorded or (cli.read_json(folder / "config.json") if (folder / "config.json").exists() else {})
         finished = (folder / "summary.json").exists()
         trained = cli.read_json(folder / "summary.json", ("last_epoch",))["last_epoch"] if finished else 0
         if not isinstance(trained, int):
             raise ValueError(f"{folder / 'summary.json'}: last_epoch is {trained!r}, not a number of epochs")
-    except ValueError as error:
+    except (OSError, ValueError) as error:
         sys.exit(f"error: the teacher run this job would reuse is damaged: {error}. Move {folder} away to train a "
                  f"new teacher, or pass --teacher-ckpt")
-    for key in ("dataset", "train_subset"):
-        if recorded and recorded.get(key) != teacher_config.get(key):
+    for key in ("dataset", "train_subset", "data_md5"):  # an older record has no data_md5 (None)
+        if recorded and recorded.get(key) != teacher_config.get(key) and (key != "data_md5" or recorded.get(key)):
             sys.exit(f"error: {folder} holds a teacher trained with {runs.flag(key)} {recorded.get(key)}, not this "
                      f"run's {teacher_config.get(key)}: move that folder away to train a new one, or pass "
                      f"--teacher-ckpt")
@@ -83,30 +81,26 @@ def teacher_file(config, teacher_config, train):
               f"published one): 1. {'finish training' if unfinished else 'train'} {config['teacher']} alone, "
               f"{teacher_config['epochs']} epochs, in {folder}; 2. distil {config['student']} from it for "
               f"{config['epochs']} epochs")
-        train(teacher_config, folder, unfinished, f"the {config['epochs']}-epoch distillation of {config['student']}")
+        train(teacher_config, folder, unfinished)
     return folder / "last.pt"
 
 
 def resumes(out, config, teacher_config):
-    """Whether --resume continues the run in `out`. Not where the job's own command (its default folder) stopped in
-    its first part, this project's own run of the teacher, before the distillation had a checkpoint: the job resumes
-    there, and the distillation then starts. Elsewhere a missing checkpoint is refused (runs.read_checkpoint)."""
-    if (out / "last.pt").exists() or not config["teacher"] or config["teacher_ckpt"] or \
-            out != runs.default_folder(config):
-        return True
-    teacher_folder = runs.default_folder(teacher_config)
-    if not (teacher_folder / "last.pt").exists() or (teacher_folder / "summary.json").exists():
+    """Whether --resume continues the run in `out`: not where the job's own command stopped in its teacher run, before
+    the distillation had a checkpoint (that run resumes, then the distillation starts)."""
+    teacher_folder = own_folder(config, teacher_config)
+    if (out / "last.pt").exists() or not teacher_folder or out != runs.default_folder(config) or \
+            not (teacher_folder / "last.pt").exists() or (teacher_folder / "summary.json").exists():
         return True
     print(f"note: {out} has no checkpoint yet: the job resumes with its first part, the teacher run in "
           f"{teacher_folder}")
     return False
 
 
-def to_train(config, teacher_config):
-    """teacher_config where this job trains its teacher first, else None (for the CPU's duration estimate)."""
-    if config["teacher"] and not config["teacher_ckpt"] and not config.get("teacher_sha256") and \
-            not (runs.default_folder(teacher_config) / "summary.json").exists():
-        return teacher_config
+def own_folder(config, teacher_config):
+    """The folder of the teacher run this job trains or reuses; None where the teacher is a file."""
+    if config["teacher"] and not config["teacher_ckpt"] and not config.get("teacher_sha256"):
+        return runs.default_folder(teacher_config)
     return None
 
 
@@ -130,13 +124,12 @@ def load(config, path, datasets):
 class TeacherCache:
     """The frozen teacher's pooled features for every training image under each of its 162 views, computed once.
 
-    The teacher is in eval mode, so its output depends on the view alone: an image has 9 x 9 crop offsets x 2 flips,
-    and 240 epochs at batch 64 (12 M teacher passes) can instead read rows image * 162 + view of a table filled by
-    8.1 M passes in large batches. `teacher_features(images)` fills it: the function the online step calls too, so
-    both give the same numbers; each step then runs the teacher's classifier on the rows it reads (logits are not
-    stored: a matmul's last bits can depend on the batch size, and the features alone take 28% less memory for
-    resnet32x4). So a run with the cache computes what a run without it does: bitwise on the CPU in float32
-    (test_train.py); on CUDA up to the kernels chosen per batch size. `loader` must name its views (views=True)."""
+    In eval mode the teacher's output depends on the view alone (9 x 9 crop offsets x 2 flips): 240 epochs at batch
+    64 (12 M teacher passes) instead read rows image * 162 + view of a table filled by 8.1 M passes in large batches,
+    by `teacher_features`, the function the online step calls too. Each step runs the classifier on its rows (logits
+    are not stored: a matmul's last bits can depend on the batch size; features alone take 28% less memory). So a run
+    with the cache computes what one without does: bitwise on the CPU in float32 (test_train.py), on CUDA up to the
+    kernels chosen per batch size. `loader` must name its views (views=True)."""
 
     def __init__(self, teacher_features, loader):
         n, device, started = loader.num_samples, loader.device, time.time()
@@ -161,8 +154,7 @@ class TeacherCache:
 
     @staticmethod
     def check_fits(num_images, feature_dim, itemsize, device):
-        """Say the cache's size, and refuse it if the device's free memory (on the CPU, the available RAM) cannot
-        hold it with CACHE_HEADROOM to spare."""
+        """Say the cache's size; refuse it where free memory (CPU: available RAM) less CACHE_HEADROOM is short."""
         needed = num_images * data.NUM_VIEWS * feature_dim * itemsize
         free = devices.free_memory(device)
         print(f"teacher cache: {num_images:,} images x {data.NUM_VIEWS} views x {feature_dim} features x "

@@ -6,8 +6,10 @@ import os
 import pickle
 import shutil
 import signal
+import stat
 import subprocess
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -127,13 +129,14 @@ def test_a_checkpoint_holding_non_finite_values_is_not_called_good(run, monkeypa
 # ---- 3, 4. a full disk, an immutable file -----------------------------------------------------------------------
 
 def test_a_full_disk_stops_with_one_paragraph_and_the_way_back(tmp_path, monkeypatch):
-    real_save = torch.save
+    real_save, checkpoints = torch.save, []
 
-    def disk_fills_at_last_pt(obj, path, *args, **kwargs):
-        if str(path).endswith("last.pt.tmp"):
-            Path(path).write_bytes(b"the first bytes")
+    def disk_fills_at_last_pt(obj, f, *args, **kwargs):  # epoch 1 saves best.pt, then last.pt
+        checkpoints.extend(["model" in obj] if isinstance(obj, dict) else [])
+        if sum(checkpoints) == 2:
+            f.write(b"the first bytes")
             raise OSError(errno.ENOSPC, "No space left on device")
-        return real_save(obj, path, *args, **kwargs)
+        return real_save(obj, f, *args, **kwargs)
 
     monkeypatch.setattr(torch, "save", disk_fills_at_last_pt)
     folder = tmp_path / "run"
@@ -252,7 +255,7 @@ def test_a_plain_pickle_as_checkpoint_is_one_message_and_no_warning(tmp_path):
         pickle.dump({"model": [1, 2]}, f)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        with pytest.raises(models.CheckpointError, match="is not a readable checkpoint"):
+        with pytest.raises(ValueError, match="is not a readable checkpoint"):
             models.read_checkpoint(tmp_path / "plain.pkl")
     assert not caught, [str(w.message) for w in caught]
 
@@ -334,3 +337,144 @@ def test_a_resumed_run_whose_teacher_file_is_gone_says_so(run, tmp_path):
     (tmp_path / "teacher.pt").unlink()
     message = exit_message(["--resume", str(student), "--epochs", "2"])
     assert "which is gone: resuming from another teacher would change the experiment" in message
+
+
+# ---- issue 28: a folder that trusts nothing planted in it, real full disks, power loss, signal races -------------
+
+def test_links_planted_in_the_folder_are_never_written_through(run, tmp_path):
+    precious = tmp_path / "precious"
+    precious.write_text("keep")
+    for name in ("log.csv.tmp", "last.pt.tmp", "best.pt.tmp", "config.json.tmp", "summary.json.tmp"):
+        (run / name).symlink_to(precious)  # the temporary names an older train.py used
+    assert train.main(["--resume", str(run), "--epochs", "2"])["last_epoch"] == 2
+    assert precious.read_text() == "keep" and not (run / "last.pt").is_symlink()
+    assert not [path for path in run.glob("*.tmp") if not path.is_symlink()]  # no .tmp of its own left
+
+
+@pytest.mark.parametrize("kind", ["link", "folder", "fifo"])
+def test_a_lock_that_is_not_a_plain_file_is_refused_and_not_followed(kind, run, tmp_path):
+    precious, lock = tmp_path / "precious", run / ".lock"
+    precious.write_text("keep")
+    lock.unlink()
+    lock.symlink_to(precious) if kind == "link" else lock.mkdir() if kind == "folder" else os.mkfifo(lock)
+    message = exit_message(["--resume", str(run), "--epochs", "2"])
+    assert f"cannot take {lock} as the run's lock" in message and "Remove it" in message
+    assert precious.read_text() == "keep" and torch.load(run / "last.pt", weights_only=True)["epoch"] == 1
+
+
+def test_a_teacher_is_judged_by_its_checkpoint_s_record(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setitem(data.FAKE_SIZES, "fake", (2000, 50))  # enough images for a class-balanced subset
+    train.main([*TINY, "--epochs", "1", "--train-subset", "100"])  # a teacher of 100 images
+    shutil.copytree("runs/fake/subset100/resnet8", "runs/fake/resnet8")  # moved where the full-data job looks
+    Path("runs/fake/resnet8/config.json").unlink()
+    message = exit_message(["--teacher", "resnet8", *TINY, "--epochs", "1"])
+    assert "runs/fake/resnet8 holds a teacher trained with --train-subset 100, not this run's None" in message
+    assert not Path("runs/fake/resnet8-resnet8-srd-seed0").exists()
+
+
+def test_resuming_on_other_data_is_refused_by_name(run, monkeypatch):
+    recorded = json.loads((run / "config.json").read_text())["data_md5"]
+    real = data.fake_cifar100
+    monkeypatch.setattr(data, "fake_cifar100", lambda *a, **k: (real(*a, **k)[0], real(*a, **k)[1].roll(1)))
+    message = refused_unchanged(["--resume", str(run), "--epochs", "2", "--data-dir", "other"], run)
+    assert "the data differ from those" in message and f"recorded {recorded}" in message and "--data-dir other" in \
+        message
+
+
+def test_a_real_file_size_limit_stops_with_one_paragraph(tmp_path):
+    """ulimit -f: a write past it fails with EFBIG (Python ignores SIGXFSZ), and torch.save raises a RuntimeError."""
+    import resource
+    argv = [sys.executable, "train.py", *TINY, "--train-subset", "100", "--out", str(tmp_path / "run")]
+    subprocess.run([*argv, "--epochs", "1"], cwd=PROJECT, capture_output=True, check=True, timeout=120)
+    limited = subprocess.run([*argv, "--epochs", "2", "--resume"], cwd=PROJECT, capture_output=True, text=True,
+                             timeout=120, preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (2 ** 17,) * 2))
+    assert limited.returncode == 1 and "Traceback" not in limited.stderr, limited.stderr
+    assert f"could not save epoch 2 in {tmp_path / 'run'}" in limited.stderr and "last.pt (epoch 1, " in limited.stderr
+    assert "continue with: python train.py --resume" in limited.stderr and not list((tmp_path / "run").glob("*.tmp"))
+
+
+def test_files_are_fsynced_before_the_rename_and_the_folder_after(tmp_path, monkeypatch):
+    events, real_fsync, real_replace = [], os.fsync, os.replace
+    monkeypatch.setattr(runs.os, "fsync", lambda fd: events.append(
+        "folder" if stat.S_ISDIR(os.fstat(fd).st_mode) else "file") or real_fsync(fd))
+    monkeypatch.setattr(runs.os, "replace", lambda *paths: events.append("rename") or real_replace(*paths))
+    runs.save_atomically("text", tmp_path / "config.json")
+    assert events == ["file", "rename", "folder"] and (tmp_path / "config.json").read_text() == "text"
+
+
+def job(tmp_path, *flags):
+    """A distillation job (its own teacher first) in a process whose lines arrive as printed."""
+    return subprocess.Popen([sys.executable, str(PROJECT / "train.py"), "--teacher", "resnet8", *TINY, "--epochs", "1",
+                             "--train-subset", "100", *flags], cwd=tmp_path, text=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def test_sigterm_between_the_job_s_parts_tells_the_truth_and_the_way_on(tmp_path, monkeypatch):
+    process = job(tmp_path)
+    try:
+        for line in process.stdout:
+            if line.startswith("done:"):  # the teacher part is finished; the distillation starts
+                process.send_signal(signal.SIGTERM)
+                break
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    student = Path("runs/fake/subset100/resnet8-resnet8-srd-seed0")
+    assert process.returncode == 143 and "Traceback" not in stderr, stderr
+    assert f"stopped by SIGTERM: no epoch of {student} completed, so nothing can resume" in stderr
+    assert "start again with\n  python train.py --teacher resnet8" in stderr
+    monkeypatch.chdir(tmp_path)  # the job's command with --resume: nothing to resume, and it says what to run instead
+    monkeypatch.setitem(data.FAKE_SIZES, "fake", (2000, 500))  # the process's data
+    argv = ["--teacher", "resnet8", *TINY, "--epochs", "1", "--train-subset", "100"]
+    message = exit_message([*argv, "--resume"])
+    assert f"no checkpoint file at {student / 'last.pt'}" in message and "without --resume to start it" in message
+    assert train.main(argv)["last_epoch"] == 1
+
+
+def test_ctrl_c_pressed_again_and_again_is_one_clean_stop(tmp_path):
+    out = tmp_path / "run"
+    process = start_and_wait_for_epoch_1([*TINY, "--epochs", "40", "--out", str(out)])
+    try:
+        for pause in (0.002, 0.01, 0.02, 0.05, 0.1):
+            process.send_signal(signal.SIGINT)
+            time.sleep(pause)
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    epoch = torch.load(out / "last.pt", weights_only=True)["epoch"]
+    assert process.returncode == 130 and "Traceback" not in stderr, stderr
+    assert f"interrupted: epoch {epoch} is the last complete one" in stderr and f"--resume {out}" in stderr
+
+
+@pytest.mark.parametrize("field, value", [("lr", "abc"), ("milestones", None), ("epochs", "abc")])
+def test_a_hand_edited_config_beside_an_older_checkpoint_is_named(field, value, run):
+    checkpoint = torch.load(run / "last.pt", weights_only=True)
+    del checkpoint["config"]  # an older last.pt: config.json is the record
+    torch.save(checkpoint, run / "last.pt")
+    (run / "config.json").write_text(json.dumps(dict(json.loads((run / "config.json").read_text()), **{field: value})))
+    message = refused_unchanged(["--resume", str(run)], run)
+    assert f"record holds {field} {value!r}, not what train.py writes" in message
+
+
+def test_a_recorded_student_that_is_not_a_name_is_one_line(run, capsys):
+    checkpoint = torch.load(run / "last.pt", weights_only=True)
+    del checkpoint["config"]
+    torch.save(checkpoint, run / "last.pt")
+    (run / "config.json").write_text(json.dumps(dict(json.loads((run / "config.json").read_text()), student=5)))
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(["--resume", str(run)])
+    assert exit_info.value.code == 2 and "argument --student: invalid choice: '5'" in capsys.readouterr().err
+
+
+def test_garbage_config_without_last_pt_is_not_blamed_on_an_older_train_py(run):
+    (run / "last.pt").unlink()
+    (run / "config.json").write_text("garbage")
+    message = exit_message(["--resume", str(run)])
+    assert f"there is no {run / 'last.pt'}: nothing to resume" in message and "older train.py" not in message
+
+
+def test_an_empty_log_is_said_and_the_run_resumes(run, capsys):
+    (run / "log.csv").write_bytes(b"")
+    assert train.main(["--resume", str(run), "--epochs", "2"])["last_epoch"] == 2
+    assert "log.csv is empty: the resumed log starts at epoch 2" in capsys.readouterr().out

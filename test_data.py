@@ -235,6 +235,12 @@ def test_canonical_pickle_loads_and_one_that_runs_code_is_refused(tmp_path):
     assert not marker.exists()
 
 
+def test_labels_of_uneven_lengths_are_refused_by_name(tmp_path):
+    write_batch(tmp_path, {b"data": np.zeros((2, 3072), np.uint8), b"fine_labels": [[1, 2], [3]]})
+    with pytest.raises(data.DataError, match="fine_labels' should be a flat list of integers, got lists of uneven"):
+        data.load_cifar100(tmp_path, train=True)
+
+
 def test_missing_copy_without_download_says_where_and_how(tmp_path):
     with pytest.raises(FileNotFoundError) as error:
         data.load_cifar100(tmp_path / "nowhere", train=True)

@@ -178,13 +178,19 @@ def damage(folder, kind):
         torch.save(dict(torch.load(last, weights_only=True), model=models.build_model("resnet14").state_dict()), last)
     elif kind == "weights only":
         torch.save(models.build_model("resnet8").state_dict(), last)
+    elif kind == "a bare tensor":
+        torch.save(torch.zeros(3), last)
+    elif kind == "epoch as text":
+        torch.save(dict(torch.load(last, weights_only=True), epoch="1"), last)
 
 
 @pytest.mark.parametrize("kind, says", [("truncated", "is not a readable checkpoint"),
                                         ("empty", "is not a readable checkpoint"),
                                         ("malicious", "holds code or objects a checkpoint should not"),
                                         ("another architecture", "does not fit CifarResNet"),
-                                        ("weights only", "is not a checkpoint of a train.py run")])
+                                        ("weights only", "is not a checkpoint of a train.py run"),
+                                        ("a bare tensor", "is not a checkpoint of a train.py run (model, epoch"),
+                                        ("epoch as text", "(epoch: missing or mistyped)")])
 def test_resume_from_a_damaged_last_pt_names_it_and_what_is_intact(kind, says, run_copy):
     damage(run_copy, kind)
     before = snapshot(run_copy)
@@ -214,7 +220,7 @@ def test_resume_may_extend_the_run_and_change_speed_switches_but_not_undo_epochs
                           "--data-dir", "elsewhere", "--lr", "0.05"])  # --lr as recorded is no change
     assert summary["last_epoch"] == 2
     message = exit_message([*TINY, "--resume", "--out", str(run_copy), "--epochs", "1"])
-    assert "has completed 2 epochs; --epochs 1 would end it before them" in message
+    assert "has completed 2 epochs; --epochs 1 would end them" in message
     train.main([*TINY, "--resume", "--out", str(run_copy)])
     assert "has completed its 2 epochs: nothing to train" in capsys.readouterr().out
 
@@ -269,13 +275,19 @@ def test_non_finite_flags_are_refused(flags, capsys):
     assert exit_info.value.code == 2 and "is not a finite number" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("flags, says", [(["--lr", "0"], "argument --lr: must be more than 0, got 0"),
+@pytest.mark.parametrize("flags, says", [(["--lr", "0"], "argument --lr: must be more than 0 and at most 10, got 0"),
                                          (["--kd-weight", "-1"], "argument --kd-weight: must be at least 0, got -1"),
                                          (["--milestones", "0", "10"], "argument --milestones: must be at least 1"),
                                          (["--batch-size", "1"], "argument --batch-size: must be at least 2 (BatchNorm"),
                                          (["--seed", "99999999999999999999999"], "argument --seed: must be at least 0 "
                                                                                  "and at most 9223372036854775807"),
-                                         (["--seed", "-1"], "argument --seed: must be at least 0")])
+                                         (["--seed", "-1"], "argument --seed: must be at least 0"),
+                                         (["--lr", "1e300"], "argument --lr: must be more than 0 and at most 10, got"),
+                                         (["--weight-decay", "1e300"], "--weight-decay: must be at least 0 and at most 1"),
+                                         (["--hidden-dim", "100000000"], "--hidden-dim: must be at least 1 and at most "
+                                                                         "16384"),
+                                         (["--milestones", "5", "3", "1"], "--milestones must increase"),
+                                         (["--epochs", "4", "--milestones", "2", "5"], "--milestones 5 is beyond --epochs 4")])
 def test_out_of_range_flags_are_refused(flags, says, capsys):
     with pytest.raises(SystemExit):
         train.parse_args([*TINY, *flags])
@@ -345,10 +357,12 @@ def test_config_is_printed_readably(tmp_path, capsys):
     train.run(train.resolve_config(train.parse_args([*TINY, "--epochs", "1", "--lr", "0.1"])), tmp_path / "run",
               datasets=(data.fake_cifar100(64, seed=0), data.fake_cifar100(50, seed=1)))
     out = capsys.readouterr().out
-    assert "run: resnet8, method none, into" in out
-    assert "  not the defaults: epochs=1 milestones=[1, 1, 1] lr=0.1 dataset=fake" in out
-    described = out[:out.index("\nepoch ")].splitlines()  # the configuration's lines
-    assert len(described) >= 3 and max(map(len, described)) <= 120
+    assert f"run in {tmp_path / 'run'}: student=resnet8 teacher=None" in out
+    described = " ".join(out[:out.index("\nepoch ")].split())  # the configuration's lines, joined
+    recorded = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert all(f"{key}={value}" in described for key, value in recorded.items() if key != "data_md5"), described
+    assert "epochs=1 milestones=[1, 1, 1]" in described and "lr=0.1" in described
+    assert max(map(len, out[:out.index("\nepoch ")].splitlines())) <= 120
 
 
 # --- a newcomer's first hour ----------------------------------------------------------------------------------------

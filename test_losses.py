@@ -39,6 +39,16 @@ def naive_norm(norm, x):
         mean = x.sum(0) / x.shape[0]
         variance = ((x - mean) ** 2).sum(0) / x.shape[0]  # biased, as BatchNorm normalises with
         return (x - mean) / torch.sqrt(variance + BN_EPS)
+    if norm == "gn":  # each sample's groups of consecutive features, standardised one by one
+        groups = x.shape[1] // 16 or 1  # the dims tested: 6 (one group), 32 and 64 (groups of 16)
+        rows = []
+        for row in x:
+            parts = []
+            for part in row.chunk(groups):
+                mean = part.sum() / len(part)
+                parts.append((part - mean) / torch.sqrt(((part - mean) ** 2).sum() / len(part) + BN_EPS))
+            rows.append(torch.cat(parts))
+        return torch.stack(rows)
     if norm == "l2":
         return x / torch.sqrt((x ** 2).sum(1, keepdim=True)).clamp(min=1e-12)
     return x
@@ -126,6 +136,20 @@ def test_scaling_r_adds_alpha_log_c():
         base = loss(z_t + r, z_t).item()
         for c in (0.1, 3.0, 10.0):
             assert loss(z_t + c * r, z_t).item() - base == pytest.approx(alpha * math.log(c), abs=1e-9)
+
+
+@pytest.mark.parametrize("dim", [32, 64])
+def test_groupnorm_standardises_groups_of_16_features(dim):
+    """Table 6.1's GroupNorm at resnet20's width (64: 4 groups of 16) and at 32 (2 groups): against the naive
+    reference, and its gradients against autograd's numerical ones."""
+    torch.manual_seed(0)
+    loss = FeatureDistillation(5, dim, projector="linear", norm="gn").double()
+    z_s, z_t = features(8, 5, 1), 3 * features(8, dim, 2) - 1
+    assert loss.student_norm.num_groups == dim // 16
+    expected = naive_distance("logsum", naive_norm("gn", naive_projection(loss.projector, z_s)),
+                              naive_norm("gn", z_t), 4.0)
+    assert loss(z_s, z_t).item() == pytest.approx(expected, rel=1e-10)
+    assert torch.autograd.gradcheck(lambda z: loss(z, z_t), (z_s.clone().requires_grad_(),))
 
 
 def test_batchnormed_features_are_zero_mean_unit_variance():
@@ -247,7 +271,7 @@ def test_compiles_without_graph_breaks():
     (lambda: FeatureDistillation(4, 6, alpha=0), None, "alpha must be > 0"),
     (lambda: FeatureDistillation(4, 6, alpha=-1.0), None, "alpha must be > 0"),
     (lambda: FeatureDistillation(4, 6, projector="conv"), None, "projector 'conv'; valid: mlp, linear, none"),
-    (lambda: FeatureDistillation(4, 6, norm="ln"), None, "norm 'ln'; valid: bn, l2, none"),
+    (lambda: FeatureDistillation(4, 6, norm="ln"), None, "norm 'ln'; valid: bn, gn, l2, none"),
     (lambda: FeatureDistillation(4, 6, distance="kl"), None, "distance 'kl'; valid: logsum, mse, l1, pow, corr"),
     (lambda: FeatureDistillation(4, 6, projector="none"), None, "projector='none' needs equal dims"),
     (lambda: None, lambda _: kd_loss(torch.randn(3, 5), torch.randn(3, 6)), "one shape"),

@@ -1,7 +1,6 @@
 """report.py on real runs of train.py (resnet8, fake data, 2 epochs): grouping, statistics, bad input, outputs.
 
-Those runs are synthetic, so their report is --synthetic's (synthetic-report.md, ...); real-data reports are checked on
-run folders written here without training (write_run)."""
+Real-data reports are checked on run folders written here without training (write_run)."""
 import contextlib
 import csv
 import io
@@ -26,7 +25,7 @@ TINY = ["--student", "resnet8", "--epochs", "2", "--batch-size", "32", "--datase
 # which run folders must share a row (the old-format copy is made from alone/seed1 in the fixture)
 GROUPS = {"alone": {"alone/seed0", "alone/seed1", "alone-old/seed2"}, "alone-lr": {"alone-lr/seed0"},
           "kd": {"kd/seed0", "kd/seed1"}, "srd": {"srd/seed0", "srd/seed1"}}
-MD, CSV, PNG = "synthetic-report.md", "synthetic-report.csv", "synthetic-curves.png"  # --synthetic's outputs
+MD, CSV, PNG = "report.md", "report.csv", "curves.png"
 
 
 def edit_json(path, **changes):
@@ -46,6 +45,10 @@ def call_report(*argv):
         except SystemExit as exit_info:
             code = exit_info.code
     return code, out.getvalue(), err.getvalue()
+
+
+def setting(config):
+    return " ".join(report.flags(config))
 
 
 def cpu_config(*argv):
@@ -128,7 +131,7 @@ def clean(tmp_path_factory, one_torch_thread):
     # last and best apart: one run whose best epoch was the first, 12.5 points above its last
     summary = json.loads((root / "kd/seed1/summary.json").read_text())
     edit_json(root / "kd/seed1/summary.json", best_epoch=1, best_accuracy=summary["last_accuracy"] + 12.5)
-    code, stdout, stderr = call_report(root, "--synthetic")
+    code, stdout, stderr = call_report(root)
     assert code == 0, stderr
     return root, stdout, stderr, teacher
 
@@ -144,6 +147,7 @@ BROKEN = {  # name -> (file, how it is spoilt)
     "log_row_missing": ("log.csv", lambda text: "\n".join(text.splitlines()[:-1]) + "\n"),
     "log_empty": ("log.csv", lambda text: ""),
     "config_truncated": ("config.json", lambda text: text[:20]),
+    "config_epochs_text": ("config.json", lambda text: json.dumps({**json.loads(text), "epochs": "abc"})),
 }
 
 
@@ -166,7 +170,7 @@ def messy(clean, tmp_path_factory):
     (root / "unfinished_started").mkdir()
     shutil.copy(source / "config.json", root / "unfinished_started")
     out = tmp_path_factory.mktemp("messy_report")
-    code, stdout, stderr = call_report(root, "--out", out, "--no-plot", "--synthetic")
+    code, stdout, stderr = call_report(root, "--out", out, "--no-plot")
     assert code == 0, stderr
     return root, out, stdout, stderr
 
@@ -225,7 +229,7 @@ def test_teacher_accuracy_is_the_teachers_own(clean):
 
 
 def test_curves_and_spectrum_pngs_are_written(clean):
-    for name in (PNG, "synthetic-spectrum.png"):  # the runs include srd, which has a projector
+    for name in (PNG, "spectrum.png"):  # the runs include srd, which has a projector
         png = (clean[0] / name).read_bytes()
         assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 10_000, name
 
@@ -249,10 +253,19 @@ def test_each_broken_file_is_named(name, messy):
     assert f"- {root / name / BROKEN[name][0]}" in skipped
 
 
+def test_why_a_run_is_skipped_is_said_truly(messy):
+    """A config.json whose epochs is text was a traceback that ended the report; a 0-byte log.csv was reported as
+    lacking columns: it is empty, which train.py's log never is (it writes the header before the first epoch)."""
+    root, _, _, stderr = messy
+    epochs = root / "config_epochs_text/config.json"
+    assert f"skipped {epochs}: epochs is not a positive whole number: 'abc'\n" in stderr
+    assert f"skipped {root / 'log_empty/log.csv'}: empty (no header, no epoch)\n" in stderr
+
+
 def test_several_folders_are_pooled_into_the_first(clean, tmp_path):
     shutil.copytree(clean[0] / "alone", tmp_path / "a")
     shutil.copytree(clean[0] / "alone-old", tmp_path / "b")
-    code, _, stderr = call_report(tmp_path / "a", tmp_path / "b", "--no-plot", "--synthetic")
+    code, _, stderr = call_report(tmp_path / "a", tmp_path / "b", "--no-plot")
     assert code == 0, stderr
     rows = read_rows(tmp_path / "a" / CSV)
     assert len(rows) == 1 and rows[0]["runs"] == "3" and not (tmp_path / "b" / CSV).exists()
@@ -267,7 +280,7 @@ def test_no_runs_or_no_folder_exits_with_one_line(tmp_path):
 
 
 def test_report_does_not_import_torch(clean, tmp_path):
-    script = f"import sys, report; report.main([{str(clean[0])!r}, '--synthetic', '--out', {str(tmp_path)!r}]); " \
+    script = f"import sys, report; report.main([{str(clean[0])!r}, '--out', {str(tmp_path)!r}]); " \
              "assert 'torch' not in sys.modules"
     result = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).parent, capture_output=True,
                             text=True, timeout=60)
@@ -279,18 +292,20 @@ def test_report_does_not_import_torch(clean, tmp_path):
 def test_defaults_are_train_pys(argv):
     config = train.resolve_config(train.parse_args(["--student", "resnet8", *argv, "--device", "cpu"]))
     defaults = report.recipe_defaults(config)
-    assert {key: config[key] for key in defaults if key not in report.COLUMNS_OF_THE_TABLE} == \
-           {key: value for key, value in defaults.items() if key not in report.COLUMNS_OF_THE_TABLE}
+    assert set(defaults) - set(config) <= {"tf32"}  # what only GPU runs record (train.py: off on the CPU)
+    assert {key: config[key] for key in defaults if key in config and key not in report.COLUMNS_OF_THE_TABLE} == \
+           {key: value for key, value in defaults.items() if key in config and key not in report.COLUMNS_OF_THE_TABLE}
+    assert config.get("tf32", False) is defaults["tf32"] is False
     # every key train.py records is known here: either a recipe default, a column, or not part of the experiment
     assert set(config) <= {*defaults, *report.COLUMNS_OF_THE_TABLE, *report.NOT_THE_EXPERIMENT}
-    assert report.setting(config) == ""
+    assert setting(config) == ""
 
 
 def test_the_teacher_is_told_apart_by_its_file_not_its_path(clean):
     recorded = json.loads((clean[0] / "kd/seed0/config.json").read_text())  # as train.py wrote it
     assert set(recorded) <= {*report.recipe_defaults(recorded), *report.COLUMNS_OF_THE_TABLE,
                              *report.NOT_THE_EXPERIMENT, report.TEACHER_IDENTITY}
-    assert "sha256" not in report.setting(recorded) and "teacher-file" not in report.setting(recorded)
+    assert "sha256" not in setting(recorded) and "teacher-file" not in setting(recorded)
     moved = dict(recorded, teacher_ckpt="/another/machine/last.pt", teacher_file="/another/machine/last.pt")
     assert report.experiment(moved) == report.experiment(recorded)
     assert report.experiment(dict(recorded, teacher_sha256="0" * 64)) != report.experiment(recorded)
@@ -317,9 +332,9 @@ def test_default_milestones_follow_the_epochs():
     """train.py's milestones are 5/8, 6/8 and 7/8 of --epochs: a shorter run with them departs only in --epochs."""
     config = cpu_config("--epochs", "15")
     assert config["milestones"] == report.recipe_defaults(config)["milestones"] == [9, 11, 13]
-    assert report.setting(config) == "--epochs 15"
-    assert report.setting(cpu_config("--epochs", "15", "--milestones", "5", "10")) == "--epochs 15 --milestones 5 10"
-    assert report.setting(cpu_config("--milestones", "150", "180", "210")) == ""
+    assert setting(config) == "--epochs 15"
+    assert setting(cpu_config("--epochs", "15", "--milestones", "5", "10")) == "--epochs 15 --milestones 5 10"
+    assert setting(cpu_config("--milestones", "150", "180", "210")) == ""
 
 
 def test_precisions_stay_apart_and_old_bf16_joins_its_precision(tmp_path):
@@ -381,7 +396,7 @@ def test_a_linear_projector_and_an_older_log_show_what_they_have(clean, tmp_path
     assert [len(group) for group in groups] == [1, 1]  # both read
     _, _, count_axes, rank_axes = figure.axes
     assert [(line.get_label(), list(line.get_ydata())) for line in count_axes.lines] == [
-        ("resnet8 -> resnet8 srd --projector linear: proj1_sv_over_1pct", [7, 7, 7])]
+        ("resnet8 -> resnet8 srd on fake --projector linear: proj1_sv_over_1pct", [7, 7, 7])]
     assert [text.get_text() for text in count_axes.get_legend().get_texts()] == ["linear layer 1"]
     assert [list(line.get_ydata()) for line in rank_axes.lines] == [[3.5, 3.5, 3.5]]
     assert set(report.SPECTRUM_COLUMNS) < set(runs.LOG_COLUMNS)  # the names train.py logs
@@ -401,7 +416,7 @@ def test_the_title_says_what_is_plotted_and_what_all_groups_share(clean, tmp_pat
     figure, _ = figure_of(clean[0])
     title = figure._suptitle.get_text()  # noqa: SLF001 (matplotlib has no public getter)
     assert title == ("Test accuracy and training loss per epoch, 4 groups, mean over seeds\n"
-                     "all groups: --epochs 2 --batch-size 32 --dataset fake")
+                     "all groups: --batch-size 32 --epochs 2")
     write_run(tmp_path / "a", cpu_config(), 40.0)
     write_run(tmp_path / "b", cpu_config("--lr", "0.1"), 41.0)
     figure, _ = figure_of(tmp_path)  # nothing shared: no subtitle
@@ -423,59 +438,48 @@ def test_report_md_names_each_rows_folders(clean):
     rows = read_rows(root / CSV)
     assert len(folders) == len(rows)
     for line, row in zip(folders, rows):
-        assert line == f"- {row['teacher'] or '–'} | {row['student']} | {row['method']} | {row['setting']}: " \
-                       f"{row['folders']}"
+        assert line == f"- {row['dataset']} | {row['teacher'] or '–'} | {row['student']} | {row['method']} | " \
+                       f"{row['setting']}: {row['folders']}"
 
 
 def test_a_seed_twice_is_warned_in_report_md_too(clean, tmp_path):
     for copy in ("a", "b"):
         shutil.copytree(clean[0] / "alone/seed0", tmp_path / copy / "seed0", ignore=shutil.ignore_patterns("*.pt"))
-    code, _, stderr = call_report(tmp_path / "a", tmp_path / "b", "--no-plot", "--synthetic")
+    code, _, stderr = call_report(tmp_path / "a", tmp_path / "b", "--no-plot")
     assert code == 0, stderr
-    warning = f"resnet8 alone --epochs 2 --batch-size 32 --dataset fake: a seed appears twice " \
+    warning = f"resnet8 alone on fake --batch-size 32 --epochs 2: a seed appears twice " \
               f"({tmp_path / 'a/seed0'} {tmp_path / 'b/seed0'})"
     assert f"warning: {warning}" in stderr and f"Warnings:\n- {warning}" in (tmp_path / "a" / MD).read_text()
 
 
-def test_synthetic_runs_are_reported_apart(clean, tmp_path):
-    """Real and synthetic runs in one folder: the default report has the real ones and counts the others, --synthetic
-    the others alone, in files of their own under a heading that says so."""
-    shutil.copytree(clean[0] / "alone", tmp_path / "fake", ignore=shutil.ignore_patterns("*.pt"))
+def test_synthetic_runs_are_rows_of_their_own(clean, tmp_path):
+    """Real and synthetic runs of one configuration in one folder: two rows, the dataset in a column (and in the
+    figure's labels), the CIFAR-100 row first."""
+    shutil.copytree(clean[0] / "kd", tmp_path / "fake", ignore=shutil.ignore_patterns("*.pt"))
     for folder in GROUPS["kd"]:
         shutil.copytree(clean[0] / folder, tmp_path / "real" / folder, ignore=shutil.ignore_patterns("*.pt"))
         edit_json(tmp_path / "real" / folder / "config.json", dataset="cifar100")
-    code, stdout, stderr = call_report(tmp_path, "--no-plot")
+    code, _, stderr = call_report(tmp_path)
     assert code == 0, stderr
-    assert [folders_of(row, tmp_path / "real") for row in read_rows(tmp_path / "report.csv")] == [GROUPS["kd"]]
-    note = f"2 finished and 0 unfinished runs on synthetic data are left out: `python report.py {tmp_path} " \
-           f"--synthetic` reports them instead."
-    assert (tmp_path / "report.md").read_text().startswith("# Runs on CIFAR-100\n")
-    assert note in stdout and note in (tmp_path / "report.md").read_text()
-    real = (tmp_path / "report.md").read_text()
-    code, stdout, stderr = call_report(tmp_path, "--no-plot", "--synthetic")
-    assert code == 0, stderr
-    assert [folders_of(row, tmp_path) for row in read_rows(tmp_path / CSV)] == [{"fake/seed0", "fake/seed1"}]
-    synthetic = (tmp_path / MD).read_text()
-    assert synthetic.startswith("# Runs on synthetic data: tests of the code, not results\n")
-    assert f"2 finished and 0 unfinished runs on CIFAR-100 are left out: `python report.py {tmp_path}` reports " \
-           f"them instead." in synthetic
-    assert (tmp_path / "report.md").read_text() == real  # not overwritten
+    rows = read_rows(tmp_path / CSV)
+    assert [row["dataset"] for row in rows] == ["cifar100", "fake"] and rows[0]["setting"] == rows[1]["setting"]
+    assert [folders_of(row, tmp_path) for row in rows] == [{f"real/{f}" for f in GROUPS["kd"]},
+                                                           {"fake/seed0", "fake/seed1"}]
+    table = (tmp_path / MD).read_text()
+    for row in rows:
+        assert f"| {row['dataset']} | resnet8 | resnet8 | kd | {row['setting']} | 2 |" in table
+    figure, _ = figure_of(tmp_path)
+    assert [line.get_label() for line in figure.axes[0].lines] == ["resnet8 -> resnet8 kd (n=2)",
+                                                                  "resnet8 -> resnet8 kd on fake (n=2)"]
 
 
-def test_only_synthetic_runs_say_so_and_name_the_flag(clean):
-    code, stdout, _ = call_report(clean[0], "--no-plot")
-    assert code.startswith("error: no finished run on CIFAR-100 below ") and "\n" not in code
-    assert code.endswith(f"; 8 finished and 0 unfinished runs on synthetic data are left out: `python report.py "
-                         f"{clean[0]} --synthetic` reports them instead.") and not stdout
-
-
-@pytest.mark.parametrize("where", ["a file", "below a file"])
-def test_an_out_that_is_a_file_is_refused_in_one_line(clean, tmp_path, where):
+@pytest.mark.parametrize("where, why", [("a file", "File exists"), ("below a file", "Not a directory")])
+def test_an_out_that_is_a_file_is_refused_in_one_line(clean, tmp_path, where, why):
     (tmp_path / "file").write_text("kept")
     out = tmp_path / "file" if where == "a file" else tmp_path / "file/sub"
-    code, stdout, _ = call_report(clean[0], "--synthetic", "--out", out)
-    assert code == f"error: cannot write the report into {out}: {tmp_path / 'file'} is a file, not a folder; " \
-                   f"nothing was written (--out FOLDER chooses where it goes)"
+    code, _, _ = call_report(clean[0], "--no-plot", "--out", out)
+    assert code.startswith(f"error: cannot write the report into {out}: ") and why in code and "\n" not in code
+    assert code.endswith("(--out FOLDER chooses where it goes)")
     assert [p.name for p in tmp_path.iterdir()] == ["file"] and (tmp_path / "file").read_text() == "kept"
 
 
@@ -488,8 +492,8 @@ def test_a_read_only_out_is_refused_in_one_line(clean, tmp_path, where):
         if os.access(read_only, os.W_OK):
             pytest.skip("this user writes into read-only folders (root)")
         out = read_only if where == "itself" else read_only / "new"
-        code, _, _ = call_report(clean[0], "--synthetic", "--out", out)
-        assert code.startswith(f"error: cannot write the report into {out}: {read_only} is not writable;")
+        code, _, _ = call_report(clean[0], "--no-plot", "--out", out)
+        assert code.startswith(f"error: cannot write the report into {out}: ") and "Permission denied" in code
         assert not any(read_only.iterdir())
     finally:
         read_only.chmod(0o755)

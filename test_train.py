@@ -138,7 +138,7 @@ def test_resume_equals_uninterrupted_run(teacher_checkpoint, tmp_path, small_fak
     for part in ("model", "projector"):
         for key, tensor in straight[part].items():
             assert torch.equal(tensor, resumed[part][key]), (part, key)
-    untimed = [c for c in runs.LOG_COLUMNS if c not in ("epoch_time_s", "images_per_s")]
+    untimed = [c for c in runs.LOG_COLUMNS if c not in ("epoch_time_s", "images_per_s", "warmup_s")]
     assert [[r[c] for c in untimed] for r in read_log(tmp_path / "straight")] == \
            [[r[c] for c in untimed] for r in read_log(tmp_path / "resumed")]
 
@@ -302,7 +302,7 @@ def test_teacher_cache_changes_nothing_and_resumes(random_teacher, tmp_path, cap
     assert "teacher cache filled: 5,508 views" in out
     cached_run(random_teacher, tmp_path / "resumed", 1, cache=True)
     cached_run(random_teacher, tmp_path / "resumed", 2, cache=True, resume=True)
-    untimed = [c for c in runs.LOG_COLUMNS if c not in ("epoch_time_s", "images_per_s")]
+    untimed = [c for c in runs.LOG_COLUMNS if c not in ("epoch_time_s", "images_per_s", "warmup_s")]
     online = [[r[c] for c in untimed] for r in read_log(tmp_path / "online")]
     assert all(float(r[2]) != 0 and float(r[3]) != 0 for r in online)  # loss_feat and loss_kd both in use
     for name in ("cached", "resumed"):

@@ -9,6 +9,7 @@ Krishnan & Isola, ICLR 2020), as in the paper. What a reader may skip: runs.py (
 the teacher comes from) and devices.py (what each device gets).
 """
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -23,7 +24,7 @@ import models
 import runs
 import teachers
 
-SMALL_LR = ("MobileNetV2", "ShuffleV1", "ShuffleV2")  # students CRD trains with lr 0.01
+WARMUP_STEPS = 2  # per batch size: a compiled step compiles at its first call, a CUDA graph records at its second
 METHODS = ("srd", "kd", "none")
 
 
@@ -39,26 +40,27 @@ def parse_args(argv=None):
     p.add_argument("--teacher-ckpt", help="teacher weights (this project's or the published ckpt_epoch_240.pth)")
     p.add_argument("--method", choices=METHODS, help="srd: the paper's loss (default with a teacher); kd: Hinton KD; "
                    "none: cross-entropy alone (default without a teacher)")
-    p.add_argument("--feat-weight", type=non_negative, default=2.0, help="weight of the feature distance D (srd)")
+    p.add_argument("--feat-weight", type=non_negative, help="weight of the feature distance D (srd)")
     p.add_argument("--kd-weight", type=non_negative, help="weight of the KD term (default 0.9 for kd, 0 otherwise)")
     p.add_argument("--ce-weight", type=non_negative, help="weight of cross-entropy (default 0.1 for kd, 1 otherwise)")
-    p.add_argument("--temperature", type=positive, default=4.0, help="KD temperature")
-    p.add_argument("--projector", choices=losses.PROJECTORS, default="mlp", help="projector on the student feature")
-    p.add_argument("--hidden-dim", type=count, default=1024, help="hidden width of the mlp projector")
-    p.add_argument("--norm", choices=losses.NORMS, default="bn", help="normalisation of both features")
-    p.add_argument("--distance", choices=losses.DISTANCES, default="logsum", help="distance between them")
-    p.add_argument("--alpha", type=positive, default=4.0, help="exponent of the logsum / pow distance")
+    p.add_argument("--temperature", type=positive, help="KD temperature")
+    p.add_argument("--projector", choices=losses.PROJECTORS, help="projector on the student feature")
+    p.add_argument("--hidden-dim", type=cli.number(int, 1, maximum=2 ** 14), help="hidden width of the mlp projector")
+    p.add_argument("--norm", choices=losses.NORMS, help="normalisation of both features")
+    p.add_argument("--distance", choices=losses.DISTANCES, help="distance between them")
+    p.add_argument("--alpha", type=positive, help="exponent of the logsum / pow distance")
     p.add_argument("--epochs", type=count, help="epochs (default 240; with --resume: where the run ends, its lr "
                    "schedule as recorded)")
     p.add_argument("--milestones", type=count, nargs="*", help="epochs after which lr drops x0.1 (default 5/8, 6/8 "
                    "and 7/8 of --epochs, rounded down: 150 180 210 for 240)")
-    p.add_argument("--batch-size", type=cli.number(int, 2, why=" (BatchNorm needs batch statistics)"), default=64,
+    p.add_argument("--batch-size", type=cli.number(int, 2, why=" (BatchNorm needs batch statistics)"),
                    help="training batch size")
-    p.add_argument("--lr", type=positive, help=f"initial lr (default 0.05; 0.01 for {', '.join(SMALL_LR)})")
-    p.add_argument("--weight-decay", type=non_negative, default=5e-4, help="SGD weight decay, on every parameter")
+    p.add_argument("--lr", type=cli.number(minimum=0, above=True, maximum=10), help=f"initial lr (default 0.05; 0.01 for {', '.join(cli.SMALL_LR)})")
+    p.add_argument("--weight-decay", type=cli.number(minimum=0, maximum=1), help="SGD weight decay, on every parameter")
     p.add_argument("--seed", type=cli.number(int, 0, maximum=2 ** 63 - 1), default=0, help="seed of init and data order")
     data.add_flags(p, count)  # --dataset, --train-subset, --data-dir, --no-download
     runs.add_flags(p)  # --out, --resume
+    p.set_defaults(**cli.RECIPE)  # the paper's recipe, one home shared with report.py; --help shows each
     devices.add_flags(p)  # --device, --precision and the other speed switches
     args = p.parse_args(argv)
     if args.student is None:  # --resume FOLDER: parse again, the folder's record of what it trains first
@@ -74,6 +76,9 @@ def parse_args(argv=None):
             (not args.teacher and args.method != "none", f"--method {args.method} needs --teacher"),
             (args.teacher_cache and not args.teacher, "--teacher-cache stores a teacher's outputs: it needs --teacher"),
             ((args.train_subset or 100) % 100, f"--train-subset {args.train_subset}: not a multiple of the 100 classes"),
+            (args.milestones and args.milestones != sorted(set(args.milestones)), "--milestones must increase"),
+            ((args.milestones or [0])[-1] > (args.epochs or cli.EPOCHS),
+             f"--milestones {(args.milestones or [0])[-1]} is beyond --epochs {args.epochs or cli.EPOCHS}"),
             (isinstance(args.resume, str) and args.out and Path(args.out) != Path(args.resume),
              "--resume FOLDER and --out name two folders: give one")):
         if wrong:
@@ -83,30 +88,19 @@ def parse_args(argv=None):
 
 def resolve_config(args):
     """Everything a run depends on, as config.json records it (the defaults: the paper's recipe, and devices.py's)."""
-    if args.device:
-        devices.check(args.device)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    devices.check(device)  # refused before anything is loaded; a CUDA device made the current one
     speed, args.device_lines = devices.choose(device, args)
-    kd, epochs = args.method == "kd", args.epochs or 240
-    config = {k: v for k, v in vars(args).items() if k not in ("resume", "out", "given", "bf16", "device_lines")}
+    config = {k: v for k, v in vars(args).items() if k not in ("resume", "out", "given", "device_lines")}
+    recipe = cli.recipe(args.method, args.student, args.epochs)  # for the flags not given (None)
+    config.update({key: value for key, value in recipe.items() if config[key] is None})
     config.update(
-        epochs=epochs,
-        milestones=args.milestones if args.milestones is not None else [max(1, epochs * k // 8) for k in (5, 6, 7)],
-        lr=args.lr or (0.01 if args.student in SMALL_LR else 0.05),
-        ce_weight=args.ce_weight if args.ce_weight is not None else (0.1 if kd else 1.0),
-        kd_weight=args.kd_weight if args.kd_weight is not None else (0.9 if kd else 0.0),
         feat_weight=args.feat_weight if args.method == "srd" else 0.0,
         device=device,
         teacher_ckpt=str(Path(args.teacher_ckpt).resolve()) if args.teacher_ckpt else None,  # resumable from anywhere
         **speed,
     )
     return config
-
-
-def default_config(config):
-    """What the same command with no optional flags would resolve to: the baseline runs.describe prints against."""
-    argv = ["--student", config["student"], "--method", config["method"], "--device", config["device"]]
-    return resolve_config(parse_args(argv + (["--teacher", config["teacher"]] if config["teacher"] else [])))
 
 
 def lr_at(config, epoch):
@@ -117,23 +111,21 @@ def lr_at(config, epoch):
 # ---- teacher ---------------------------------------------------------------------------------------------------
 
 def teacher_training_config(config):
-    return teachers.training_config(config, lr=0.01 if config["teacher"] in SMALL_LR else 0.05)
+    return teachers.training_config(config, lr=cli.recipe("none", config["teacher"])["lr"])
 
 
 def provide_teacher(config, datasets):
     """The frozen teacher (teachers.py: a resumed run's, --teacher-ckpt, or this project's own, trained first by a call
     back into run()); teachers.load records its file and sha256 in config, hence config.json."""
     path = teachers.teacher_file(config, teacher_training_config(config),
-                                 train=lambda teacher_config, folder, resume, then: run(teacher_config, folder, resume,
-                                                                                        datasets, then))
+                                 train=lambda teacher_config, folder, resume: run(teacher_config, folder, resume,
+                                                                                  datasets))
     return teachers.load(config, path, datasets)
 
 
 def teacher_forward(teacher, images, config):
-    """The frozen teacher's (logits, pooled features) under the run's autocast and memory format: eval mode, no
-    graph. The online step and the teacher cache's fill both call this, so the two give the same numbers."""
-    if config["channels_last"]:
-        images = images.contiguous(memory_format=torch.channels_last)
+    """The frozen teacher's (logits, pooled features) under the run's autocast: eval mode, no graph. The online step
+    and the teacher cache's fill both call this, so the two give the same numbers."""
     with torch.no_grad(), devices.autocast(config):
         return teacher(images, return_features=True)
 
@@ -159,6 +151,9 @@ def build_student(config, teacher=None):
     # fused: the whole update in one kernel; the same maths as the textbook loop, weight decay on every parameter
     optimizer = torch.optim.SGD(parameters, lr=config["lr"], momentum=0.9, weight_decay=config["weight_decay"],
                                 fused=config["fused_sgd"], foreach=not config["fused_sgd"])
+    for parameter in parameters:  # zero momentum: with dampening 0 the textbook first step (buffer = gradient), and
+        # no uninitialised buffers in fused SGD when fp16's loss scaler skips that step (the kernel then writes nothing)
+        optimizer.state[parameter]["momentum_buffer"] = torch.zeros_like(parameter)
     return student, distill, optimizer
 
 
@@ -199,8 +194,6 @@ def make_loss_fn(student, teacher, distill, config):
 def train_step(loss_fn, optimizer, scaler, images, labels, config, teacher_features=None):
     """One SGD step: the loss terms, the correct count and whether the loss scaler skipped the step, as device
     tensors (no host sync). Outside fp16 the scaler is disabled: backward and optimizer.step() as usual."""
-    if config["channels_last"]:
-        images = images.contiguous(memory_format=torch.channels_last)
     if config["cuda_graphs"]:
         torch.compiler.cudagraph_mark_step_begin()  # a new iteration: the previous step's graph outputs are free
     total, terms, correct = loss_fn(images, labels, teacher_features)
@@ -216,18 +209,30 @@ def train_step(loss_fn, optimizer, scaler, images, labels, config, teacher_featu
 
 # ---- the epoch, and evaluation ---------------------------------------------------------------------------------
 
-def train_one_epoch(loss_fn, optimizer, scaler, loader, config, teacher_cache=None):
-    """One pass over the training set: the mean loss terms (ce, feat, kd, total), train accuracy (%) and the number
-    of steps the loss scaler skipped. teacher_cache: a teachers.TeacherCache (the loader then names its views)."""
+def train_one_epoch(loss_fn, optimizer, scaler, loader, config, teacher_cache=None, warm=None):
+    """One pass over the training set: the mean loss terms (ce, feat, kd, total), train accuracy (%), the number of
+    steps the loss scaler skipped, and the warm-up (seconds, images): the first WARMUP_STEPS steps of each batch size
+    in this process (the counts kept in `warm`) compile, autotune or record graphs, so they are timed apart, each
+    between two syncs. teacher_cache: a teachers.TeacherCache (the loader then names its views)."""
     sums = torch.zeros(4, device=config["device"])  # summed over samples on the device: no sync per step
     counts = torch.zeros(2, dtype=torch.long, device=config["device"])  # correct samples, skipped steps
+    warmup_s, warmup_images, warm = 0.0, 0, {} if warm is None else warm
     for images, labels, *drawn in loader:
+        cold = warm.get(len(labels), 0) < WARMUP_STEPS and (config["compile"] or config["device"] != "cpu")
+        if cold:
+            devices.synchronize(config)
+            started = time.time()
         teacher_features = teacher_cache.lookup(*drawn) if teacher_cache is not None else None
         terms, correct, skipped = train_step(loss_fn, optimizer, scaler, images, labels, config, teacher_features)
         sums += terms * labels.shape[0]
         counts += torch.stack([correct, skipped])
+        if cold:
+            devices.synchronize(config)
+            warmup_s, warmup_images = warmup_s + time.time() - started, warmup_images + len(labels)
+            warm[len(labels)] = warm.get(len(labels), 0) + 1
     *totals, correct, skipped = torch.cat([sums.double(), counts.double()]).tolist()  # the epoch's one sync
-    return [total / loader.num_samples for total in totals], 100.0 * correct / loader.num_samples, int(skipped)
+    return ([total / loader.num_samples for total in totals], 100.0 * correct / loader.num_samples, int(skipped),
+            (warmup_s, warmup_images))
 
 
 @torch.no_grad()
@@ -237,8 +242,6 @@ def evaluate(model, loader, config):
     model.eval()
     correct = torch.zeros((), dtype=torch.long, device=config["device"])
     for images, labels in loader:
-        if config["channels_last"]:
-            images = images.contiguous(memory_format=torch.channels_last)
         correct += (model(images).argmax(1) == labels).sum()
     model.train(was_training)
     return 100.0 * correct.item() / loader.num_samples
@@ -246,35 +249,38 @@ def evaluate(model, loader, config):
 
 # ---- the loop --------------------------------------------------------------------------------------------------
 
-def run(config, out, resume=False, datasets=None, then=""):
+def run(config, out, resume=False, datasets=None):
     """Train (or resume) one run into the folder `out`; returns its summary dict. datasets: ((train images, labels),
-    (test images, labels)) instead of config's (tests pass small ones); then: what follows in the same job."""
+    (test images, labels)) instead of config's (tests pass small ones)."""
     out = Path(out)
     runs.check_folder(out, resume)  # refuse before anything is loaded
     if resume:
         runs.read_checkpoint(out, config["student"])
-    print(runs.describe(config, out, default_config(config)))
+    print(textwrap.fill(" ".join(f"{key}={value}" for key, value in config.items()), 120,
+                        initial_indent=f"run in {out}: ", subsequent_indent="  "))  # all of it, as config.json
     try:
         datasets = datasets or data.load_datasets(config["dataset"], config["data_dir"], not config["no_download"],
                                                   config["train_subset"])
     except (OSError, data.DataError) as error:
         sys.exit(f"error: {error}")
+    runs.check_data(config, out, datasets)  # their md5: recorded, or checked against the record on --resume
     if len(datasets[0][1]) % config["batch_size"] == 1:
         sys.exit(f"error: {len(datasets[0][1])} training images in batches of {config['batch_size']} leave a last "
                  f"batch of one image, which BatchNorm cannot normalise: choose another --batch-size")
     teacher = provide_teacher(config, datasets) if config["teacher"] else None
-    with runs.claimed(out, resume, config, then):  # the lock, and the Ctrl-C (or SIGTERM) message
+    with runs.claimed(out, resume):  # the lock
         return fit(config, out, resume, teacher, datasets)
 
 
 def fit(config, out, resume, teacher, datasets):
     """The training loop of run(), in a run folder this process holds."""
+    devices.apply(config)  # cuDNN's autotuning, TF32 as recorded
     (train_images, train_labels), test_set = datasets
     student, distill, optimizer = build_student(config, teacher)
     scaler = torch.amp.GradScaler(torch.device(config["device"]).type, enabled=config["precision"] == "fp16")
     train_loader = data.Loader(train_images, train_labels, config["batch_size"], True, config["device"],
-                               config["seed"], views=config["teacher_cache"])
-    test_loader = data.Loader(*test_set, 500, False, config["device"])
+                               config["seed"], views=config["teacher_cache"], channels_last=config["channels_last"])
+    test_loader = data.Loader(*test_set, 500, False, config["device"], channels_last=config["channels_last"])
     start_epoch, best, wall_before, last = runs.start(out, config, resume, student, distill, optimizer,
                                                       train_loader, scaler)
     teacher_accuracy = evaluate(teacher, test_loader, config) if teacher is not None else None
@@ -282,19 +288,18 @@ def fit(config, out, resume, teacher, datasets):
         print(f"teacher {config['teacher']} test accuracy {teacher_accuracy:.2f}")
     teacher_cache = teachers.TeacherCache(lambda images: teacher_forward(teacher, images, config)[1], train_loader) \
         if config["teacher_cache"] else None
-    torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick its fastest kernels once
     torch.compiler.reset()  # drop what an earlier compile in this process (a teacher's run, say) holds
     loss_fn = make_loss_fn(student, teacher, distill, config)
-    graph_skips, run_started = devices.cudagraph_skips(), time.time()
+    graph_skips, run_started, warm = devices.cudagraph_skips(), time.time(), {}
     for epoch in range(start_epoch, config["epochs"] + 1):
         lr = lr_at(config, epoch)
         for group in optimizer.param_groups:
             group["lr"] = lr
         epoch_started = time.time()
         with devices.compile_failures_explained(config, resumed=start_epoch > 1):
-            mean_terms, train_accuracy, skipped = train_one_epoch(loss_fn, optimizer, scaler, train_loader, config,
-                                                                  teacher_cache)
-        epoch_time = time.time() - epoch_started
+            mean_terms, train_accuracy, skipped, (warmup_s, warmup_images) = train_one_epoch(
+                loss_fn, optimizer, scaler, train_loader, config, teacher_cache, warm)
+        epoch_time, steady_images = time.time() - epoch_started - warmup_s, train_loader.num_samples - warmup_images
         runs.check_finite(out, epoch, mean_terms, student, distill)  # the losses, and every weight and buffer
         if config["cuda_graphs"] and epoch == start_epoch:
             devices.warn_if_graphs_skipped(graph_skips)
@@ -303,7 +308,8 @@ def fit(config, out, resume, teacher, datasets):
             best = {"accuracy": test_accuracy, "epoch": epoch}
         row = {"epoch": epoch, "lr": lr, **dict(zip(("loss_ce", "loss_feat", "loss_kd", "loss_total"), mean_terms)),
                "train_acc": train_accuracy, "test_acc": test_accuracy, "epoch_time_s": epoch_time,
-               "images_per_s": train_loader.num_samples / epoch_time, "skipped_steps": skipped,
+               "images_per_s": steady_images / epoch_time if steady_images else "", "warmup_s": warmup_s,
+               "skipped_steps": skipped,
                **(distill.spectrum() if distill is not None else {})}  # the projector's singular values
         last = runs.checkpoint(config, epoch, test_accuracy, best, wall_before + time.time() - run_started,
                                student, distill, optimizer, train_loader, scaler)
@@ -327,23 +333,24 @@ def step_seconds(config):
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    config = resolve_config(args)
-    out = Path(args.resume if isinstance(args.resume, str) else args.out or runs.default_folder(config))
-    # --resume of a job stopped in its teacher part resumes that part, and then starts this run (resume False)
-    resume = bool(args.resume) and teachers.resumes(out, config, teacher_training_config(config))
-    if resume:
-        config = runs.resumed_config(config, out, args.given, runs.read_checkpoint(out, None))
-        args.device_lines = [devices.line(config) + " (as the run recorded)"]
-    print("\n".join(args.device_lines))
-    teachers.check_checkpoint(config)  # --teacher-ckpt: fail fast, before any data is downloaded or folder made
-    if config["device"] == "cpu" and not resume:  # before any heavy work: how long, and what to run instead
-        devices.advise_cpu(config, teachers.to_train(config, teacher_training_config(config)), step_seconds)
-    try:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    with runs.stops_explained(argv) as job:  # Ctrl-C or SIGTERM, anywhere: the truth read from the job's folders
+        args = parse_args(argv)
+        config = resolve_config(args)
+        out = Path(args.resume if isinstance(args.resume, str) else args.out or runs.default_folder(config))
+        teacher_folder = teachers.own_folder(config, teacher_training_config(config))  # where the job trains it
+        job.update(out=out, teacher_folder=teacher_folder)
+        # --resume of a job stopped in its teacher part resumes that part, and then starts this run (resume False)
+        resume = bool(args.resume) and teachers.resumes(out, config, teacher_training_config(config))
+        if resume:
+            config = runs.resumed_config(config, out, args.given, runs.read_checkpoint(out, None))
+            args.device_lines = [devices.line(config) + " (as the run recorded)"]
+        print("\n".join(args.device_lines))
+        teachers.check_checkpoint(config)  # --teacher-ckpt: fail fast, before any data is downloaded or folder made
+        if config["device"] == "cpu" and not resume:  # before any heavy work: how long, and what to run instead
+            unfinished = teacher_folder and not (teacher_folder / "summary.json").exists()
+            devices.advise_cpu(config, teacher_training_config(config) if unfinished else None, step_seconds)
         return run(config, out, resume)
-    except KeyboardInterrupt:  # before a run folder was claimed (a run's own interrupt exits inside run)
-        print(f"interrupted before {out} was claimed: nothing was written there", file=sys.stderr)
-        sys.exit(130)
 
 
 if __name__ == "__main__":
