@@ -77,8 +77,7 @@ def fetch_archive(root):
     download are removed again when it fails: a mistyped --data-dir leaves nothing behind."""
     archive = root / ARCHIVE_URL.rsplit("/", 1)[-1]
     if archive.exists():
-        got = digest_of(archive)
-        if got != ARCHIVE_MD5:
+        if (got := digest_of(archive)) != ARCHIVE_MD5:
             raise DataError(f"{archive} is not the CIFAR-100 archive (md5 {got}, expected {ARCHIVE_MD5}); it was "
                             f"left untouched. Remove it to download again. " + ways_out(root))
         return archive
@@ -96,8 +95,7 @@ def fetch_archive(root):
             # no network, DNS, HTTP errors (URLError, HTTPError), timeouts, a connection cut short, a full disk
             detail = error if isinstance(error, urllib.error.HTTPError) else getattr(error, "reason", error)
             raise DataError(f"could not download CIFAR-100 from {ARCHIVE_URL} ({detail}). " + ways_out(root)) from None
-        got = digest_of(partial)
-        if got != ARCHIVE_MD5:
+        if (got := digest_of(partial)) != ARCHIVE_MD5:
             raise DataError(f"the file downloaded from {ARCHIVE_URL} is corrupt (md5 {got}, expected {ARCHIVE_MD5}); "
                             f"it was deleted. Try again later. " + ways_out(root))
         os.replace(partial, archive)
@@ -152,20 +150,17 @@ def add_flags(parser, count):
 
 def load_datasets(dataset, root, download=True, train_subset=None):
     """((train images, labels), (test images, labels)) of `dataset` (DATASETS) as uint8 / int64 CPU tensors, with a
-    line saying what came: CIFAR-100 from root/cifar-100-python, or the synthetic sets of fake_cifar100. With
-    train_subset, the training images are class_balanced_subset's; the test set stays whole."""
-    if dataset in FAKE_SIZES:
-        train_size, test_size = FAKE_SIZES[dataset]
-        (images, labels), test_set = fake_cifar100(train_size, seed=0), fake_cifar100(test_size, seed=1)
+    line saying what came: load_cifar100's or fake_cifar100's; with train_subset, class_balanced_subset's."""
+    if dataset in FAKE_SIZES:  # train set seed 0, test set seed 1
+        (images, labels), test_set = (fake_cifar100(size, seed) for seed, size in enumerate(FAKE_SIZES[dataset]))
         source = f"synthetic (--dataset {dataset})"
     else:
         (images, labels), test_set = (load_cifar100(root, train, download) for train in (True, False))
         source = f"CIFAR-100 from {pathlib.Path(root)}"
-    subset = ""
+    subset = f" (--train-subset: a fixed, class-balanced subset of the {len(labels):,})" if train_subset else ""
     if train_subset:
         keep = class_balanced_subset(labels, train_subset)
-        images, labels, subset = images[keep], labels[keep], f" (--train-subset: a fixed, class-balanced subset of " \
-                                                              f"the {len(labels):,})"
+        images, labels = images[keep], labels[keep]
     print(f"data: {source}, {len(labels):,} training images{subset} and {len(test_set[1]):,} test images")
     return (images, labels), test_set
 
@@ -179,11 +174,8 @@ def class_balanced_subset(labels, size, num_classes=100):
         raise DataError(f"--train-subset {size} asks {per_class} images of each of the {num_classes} classes, and "
                         f"the {len(labels):,} training images hold {counts.min().item()} of the rarest class: choose "
                         f"at most {counts.min().item() * num_classes}")
-    rank = torch.empty_like(labels)  # each image's position among the images of its class
-    for label in range(num_classes):
-        members = (labels == label).nonzero().flatten()
-        rank[members] = torch.arange(len(members))
-    return (rank < per_class).nonzero().flatten()
+    firsts = [(labels == label).nonzero().flatten()[:per_class] for label in range(num_classes)]
+    return torch.cat(firsts).sort().values
 
 
 def train_size(dataset, train_subset=None):
@@ -265,32 +257,22 @@ class Loader:
         memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.images = images.to(device, memory_format=memory_format)  # the only host-to-device copy, and conversion
         self.labels = labels.to(device)
+        self.num_samples = len(self.labels)
         self.batch_size, self.train, self.device, self.views = batch_size, train, torch.device(device), views
         if views and not train:
             raise ValueError("views=True describes the augmentation of a training loader; this one has none")
-        self.mean = torch.tensor(CIFAR100_MEAN, device=device).view(1, 3, 1, 1)
-        self.std = torch.tensor(CIFAR100_STD, device=device).view(1, 3, 1, 1)
-        self.generator = torch.Generator(device=device)
-        self.generator.manual_seed(seed)
-
-    @property
-    def num_samples(self):
-        return len(self.labels)
+        self.mean, self.std = torch.tensor((CIFAR100_MEAN, CIFAR100_STD), device=device)[:, :, None, None]
+        self.generator = torch.Generator(device=device).manual_seed(seed)
 
     def __len__(self):
         return math.ceil(self.num_samples / self.batch_size)
 
-    def draw_epoch(self):
-        """(permutation, offsets N x 2, flips N) for the next epoch; advances the generator."""
-        n, g = self.num_samples, self.generator
-        order = torch.randperm(n, generator=g, device=self.device)
-        offsets = torch.randint(0, SIDE, (n, 2), generator=g, device=self.device)
-        flips = torch.randint(0, 2, (n,), generator=g, device=self.device).bool()
-        return order, offsets, flips
-
     def __iter__(self):
         if self.train:
-            order, offsets, flips = self.draw_epoch()
+            n, g = self.num_samples, self.generator
+            order = torch.randperm(n, generator=g, device=self.device)
+            offsets = torch.randint(0, SIDE, (n, 2), generator=g, device=self.device)
+            flips = torch.randint(0, 2, (n,), generator=g, device=self.device).bool()
         # augment whole batches a chunk at a time: one gather per chunk keeps the epoch's extra memory near 0.05 GB
         # (the padded copy of 50,000 images alone would be 0.24 GB); the draws are the epoch's, so the batches are
         # the same whatever the chunk size
@@ -324,8 +306,7 @@ def fake_cifar100(n, seed=0, num_classes=100):
     The class -> colour table is fixed (a grid in RGB, not drawn from `seed`), so a train set (seed 0) and a test
     set (seed 1) share it; the seed picks only the labels and the pixel noise. A uniform colour survives any crop
     and flip (apart from the black border), so a small network separates the classes within a few epochs."""
-    levels = math.ceil(num_classes ** (1 / 3))
-    grid = torch.linspace(40, 215, levels)
+    grid = torch.linspace(40, 215, math.ceil(num_classes ** (1 / 3)))  # levels per channel
     colours = torch.cartesian_prod(grid, grid, grid)[:num_classes]  # num_classes x 3, at least 43 apart
     g = torch.Generator().manual_seed(seed)
     labels = torch.randint(0, num_classes, (n,), generator=g)

@@ -115,7 +115,7 @@ def choose(device, args):
 def line(config):
     """What a run's device gets, in one line: "device: Tesla T4 (compute capability 7.5): fp16 autocast ..."."""
     where = config["device_name"] + (f" (compute capability {config['capability']})" if config["capability"] else "")
-    precision = {"bf16": "bf16 autocast", "fp16": "fp16 autocast with loss scaling", "fp32": "fp32"}[config["precision"]]
+    precision = {"bf16": "bf16 autocast", "fp16": "fp16 autocast with loss scaling"}.get(config["precision"], "fp32")
     return f"device: {where}: {precision}; {'compiled' if config['compile'] else 'eager'}"
 
 

@@ -19,11 +19,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
+def conv_and_bn(in_ch, out_ch, kernel_size, stride=1, groups=1):
+    """A conv (no bias: the BN shift replaces it) and its BN, for a block to name as the zoo does (`conv1`, `bn1`)."""
+    return (nn.Conv2d(in_ch, out_ch, kernel_size, stride, kernel_size // 2, groups=groups, bias=False),
+            nn.BatchNorm2d(out_ch))
+
+
 def conv_bn(in_ch, out_ch, kernel_size, stride=1, groups=1, relu=False):
-    """Conv (no bias: the BN shift replaces it) + BN [+ ReLU], as a Sequential so keys read `.0` and `.1`."""
-    layers = [nn.Conv2d(in_ch, out_ch, kernel_size, stride, kernel_size // 2, groups=groups, bias=False),
-              nn.BatchNorm2d(out_ch)]
-    return nn.Sequential(*layers, nn.ReLU()) if relu else nn.Sequential(*layers)
+    """conv_and_bn [+ ReLU] as a Sequential, so keys read `.0` and `.1`."""
+    return nn.Sequential(*conv_and_bn(in_ch, out_ch, kernel_size, stride, groups), *([nn.ReLU()] if relu else []))
 
 
 def make_stage(block, in_ch, out_ch, num_blocks, stride):
@@ -79,13 +83,10 @@ class BasicBlock(nn.Module):
 
     def __init__(self, in_ch, out_ch, stride):
         super().__init__()
-        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(out_ch)
-        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(out_ch)
+        self.conv1, self.bn1 = conv_and_bn(in_ch, out_ch, 3, stride)
+        self.conv2, self.bn2 = conv_and_bn(out_ch, out_ch, 3)
         # A 1x1 projection wherever the identity would not fit (also resnet*x4's first block, 32 -> 64).
-        fits = stride == 1 and in_ch == out_ch
-        self.downsample = nn.Identity() if fits else conv_bn(in_ch, out_ch, 1, stride)
+        self.downsample = nn.Identity() if stride == 1 and in_ch == out_ch else conv_bn(in_ch, out_ch, 1, stride)
 
     def forward(self, x):
         out = F.relu(self.bn1(self.conv1(x)))
@@ -99,8 +100,7 @@ class CifarResNet(ZooNet):
         super().__init__()
         stem, *stage_widths = widths
         blocks_per_stage = (depth - 2) // 6
-        self.conv1 = nn.Conv2d(3, stem, 3, 1, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(stem)
+        self.conv1, self.bn1 = conv_and_bn(3, stem, 3)
         for i, (in_ch, out_ch) in enumerate(zip(widths, stage_widths)):
             stage = make_stage(BasicBlock, in_ch, out_ch, blocks_per_stage, stride=1 if i == 0 else 2)
             setattr(self, f"layer{i + 1}", stage)
@@ -176,9 +176,8 @@ class VGG(ZooNet):
         init_weights(self, linear_std=0.01)
 
     def pooled_features(self, x):
-        x = F.max_pool2d(self.block0(x), 2)
-        x = F.max_pool2d(self.block1(x), 2)
-        x = F.max_pool2d(self.block2(x), 2)
+        for block in (self.block0, self.block1, self.block2):
+            x = F.max_pool2d(block(x), 2)
         # At 4x4 now: the zoo pools before block4 only for 64x64 inputs.
         return global_avg_pool(self.block4(self.block3(x)))
 
@@ -215,8 +214,7 @@ class MobileNetV2(ZooNet):
         self.blocks = nn.ModuleList()
         for t, channels, num_blocks, stride in stages:
             out_ch = int(channels * width)
-            block = partial(InvertedResidual, expansion=t)
-            self.blocks.append(make_stage(block, in_ch, out_ch, num_blocks, stride))
+            self.blocks.append(make_stage(partial(InvertedResidual, expansion=t), in_ch, out_ch, num_blocks, stride))
             in_ch = out_ch
         self.feature_dim = 1280  # not scaled by width < 1, as in the zoo
         self.conv2 = conv_bn(in_ch, self.feature_dim, 1, relu=True)
@@ -241,12 +239,9 @@ class ShuffleV1Block(nn.Module):
         branch_ch = out_ch - in_ch if stride == 2 else out_ch  # the concatenated input supplies the rest
         mid_ch = branch_ch // 4
         self.first_groups = 1 if in_ch == 24 else groups  # the stem's 24 channels are not grouped
-        self.conv1 = nn.Conv2d(in_ch, mid_ch, 1, groups=self.first_groups, bias=False)
-        self.bn1 = nn.BatchNorm2d(mid_ch)
-        self.conv2 = nn.Conv2d(mid_ch, mid_ch, 3, stride, 1, groups=mid_ch, bias=False)
-        self.bn2 = nn.BatchNorm2d(mid_ch)
-        self.conv3 = nn.Conv2d(mid_ch, branch_ch, 1, groups=groups, bias=False)
-        self.bn3 = nn.BatchNorm2d(branch_ch)
+        self.conv1, self.bn1 = conv_and_bn(in_ch, mid_ch, 1, groups=self.first_groups)
+        self.conv2, self.bn2 = conv_and_bn(mid_ch, mid_ch, 3, stride, groups=mid_ch)
+        self.conv3, self.bn3 = conv_and_bn(mid_ch, branch_ch, 1, groups=groups)
 
     def forward(self, x):
         out = channel_shuffle(F.relu(self.bn1(self.conv1(x))), self.first_groups)
@@ -263,8 +258,7 @@ class ShuffleV1(ZooNet):
 
     def __init__(self, num_classes, groups=3):
         super().__init__()
-        self.conv1 = nn.Conv2d(3, 24, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(24)
+        self.conv1, self.bn1 = conv_and_bn(3, 24, 1)
         block = partial(ShuffleV1Block, groups=groups)
         self.layer1 = make_stage(block, 24, 240, 4, stride=2)
         self.layer2 = make_stage(block, 240, 480, 8, stride=2)
@@ -285,12 +279,9 @@ class ShuffleV2Block(nn.Module):
     def __init__(self, channels):
         super().__init__()
         half = channels // 2
-        self.conv1 = nn.Conv2d(half, half, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(half)
-        self.conv2 = nn.Conv2d(half, half, 3, 1, 1, groups=half, bias=False)
-        self.bn2 = nn.BatchNorm2d(half)
-        self.conv3 = nn.Conv2d(half, half, 1, bias=False)
-        self.bn3 = nn.BatchNorm2d(half)
+        self.conv1, self.bn1 = conv_and_bn(half, half, 1)
+        self.conv2, self.bn2 = conv_and_bn(half, half, 3, groups=half)
+        self.conv3, self.bn3 = conv_and_bn(half, half, 1)
 
     def forward(self, x):
         kept, transformed = x.chunk(2, dim=1)
@@ -306,16 +297,11 @@ class ShuffleV2DownBlock(nn.Module):
     def __init__(self, in_ch, out_ch):
         super().__init__()
         mid = out_ch // 2
-        self.conv1 = nn.Conv2d(in_ch, in_ch, 3, 2, 1, groups=in_ch, bias=False)
-        self.bn1 = nn.BatchNorm2d(in_ch)
-        self.conv2 = nn.Conv2d(in_ch, mid, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(mid)
-        self.conv3 = nn.Conv2d(in_ch, mid, 1, bias=False)
-        self.bn3 = nn.BatchNorm2d(mid)
-        self.conv4 = nn.Conv2d(mid, mid, 3, 2, 1, groups=mid, bias=False)
-        self.bn4 = nn.BatchNorm2d(mid)
-        self.conv5 = nn.Conv2d(mid, mid, 1, bias=False)
-        self.bn5 = nn.BatchNorm2d(mid)
+        self.conv1, self.bn1 = conv_and_bn(in_ch, in_ch, 3, 2, groups=in_ch)
+        self.conv2, self.bn2 = conv_and_bn(in_ch, mid, 1)
+        self.conv3, self.bn3 = conv_and_bn(in_ch, mid, 1)
+        self.conv4, self.bn4 = conv_and_bn(mid, mid, 3, 2, groups=mid)
+        self.conv5, self.bn5 = conv_and_bn(mid, mid, 1)
 
     def forward(self, x):
         left = F.relu(self.bn2(self.conv2(self.bn1(self.conv1(x)))))
@@ -330,16 +316,14 @@ class ShuffleV2(ZooNet):
 
     def __init__(self, num_classes):
         super().__init__()
-        self.conv1 = nn.Conv2d(3, 24, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(24)
+        self.conv1, self.bn1 = conv_and_bn(3, 24, 1)
         in_ch = 24
         for i, (out_ch, num_blocks) in enumerate([(116, 3), (232, 7), (464, 3)]):
             stage = [ShuffleV2DownBlock(in_ch, out_ch)] + [ShuffleV2Block(out_ch) for _ in range(num_blocks)]
             setattr(self, f"layer{i + 1}", nn.Sequential(*stage))
             in_ch = out_ch
         self.feature_dim = 1024
-        self.conv2 = nn.Conv2d(464, 1024, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(1024)
+        self.conv2, self.bn2 = conv_and_bn(464, 1024, 1)
         self.linear = nn.Linear(1024, num_classes)
 
     def pooled_features(self, x):
@@ -356,14 +340,10 @@ class Bottleneck(nn.Module):
     def __init__(self, in_ch, out_ch, stride):
         super().__init__()
         mid = out_ch // 4
-        self.conv1 = nn.Conv2d(in_ch, mid, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(mid)
-        self.conv2 = nn.Conv2d(mid, mid, 3, stride, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(mid)
-        self.conv3 = nn.Conv2d(mid, out_ch, 1, bias=False)
-        self.bn3 = nn.BatchNorm2d(out_ch)
-        fits = stride == 1 and in_ch == out_ch
-        self.shortcut = nn.Identity() if fits else conv_bn(in_ch, out_ch, 1, stride)
+        self.conv1, self.bn1 = conv_and_bn(in_ch, mid, 1)
+        self.conv2, self.bn2 = conv_and_bn(mid, mid, 3, stride)
+        self.conv3, self.bn3 = conv_and_bn(mid, out_ch, 1)
+        self.shortcut = nn.Identity() if stride == 1 and in_ch == out_ch else conv_bn(in_ch, out_ch, 1, stride)
 
     def forward(self, x):
         out = F.relu(self.bn1(self.conv1(x)))
@@ -376,8 +356,7 @@ class ResNet50(ZooNet):
 
     def __init__(self, num_classes):
         super().__init__()
-        self.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(64)
+        self.conv1, self.bn1 = conv_and_bn(3, 64, 3)
         in_ch = 64
         for i, (out_ch, num_blocks) in enumerate([(256, 3), (512, 4), (1024, 6), (2048, 3)]):
             setattr(self, f"layer{i + 1}", make_stage(Bottleneck, in_ch, out_ch, num_blocks, 1 if i == 0 else 2))
@@ -394,16 +373,13 @@ class ResNet50(ZooNet):
 # ---- registry and checkpoints ----
 
 _SMALL, _X4 = (16, 16, 32, 64), (32, 64, 128, 256)
+_VGG_CONVS = {8: (1, 1, 1, 1, 1), 11: (1, 1, 2, 2, 2), 13: (2, 2, 2, 2, 2), 16: (2, 2, 3, 3, 3), 19: (2, 2, 4, 4, 4)}
 _BUILDERS = {
     **{f"resnet{d}": partial(CifarResNet, d, _SMALL) for d in (8, 14, 20, 32, 44, 56, 110)},
     "resnet8x4": partial(CifarResNet, 8, _X4),
     "resnet32x4": partial(CifarResNet, 32, _X4),
     **{f"wrn_{d}_{k}": partial(WideResNet, d, k) for d, k in ((16, 1), (16, 2), (40, 1), (40, 2))},
-    "vgg8": partial(VGG, (1, 1, 1, 1, 1)),
-    "vgg11": partial(VGG, (1, 1, 2, 2, 2)),
-    "vgg13": partial(VGG, (2, 2, 2, 2, 2)),
-    "vgg16": partial(VGG, (2, 2, 3, 3, 3)),
-    "vgg19": partial(VGG, (2, 2, 4, 4, 4)),
+    **{f"vgg{d}": partial(VGG, convs) for d, convs in _VGG_CONVS.items()},
     "MobileNetV2": MobileNetV2,
     "ShuffleV1": ShuffleV1,
     "ShuffleV2": ShuffleV2,
@@ -425,9 +401,8 @@ def _is_state_dict(obj):
 
 
 def read_checkpoint(path):
-    """torch.load(path, weights_only=True) onto the CPU (the zoo saved CUDA tensors), one message per way it fails.
-    weights_only refuses pickled code (a call such as os.system, which a plain torch.load would run); torch's hint to
-    retry unsafely is deliberately not passed on."""
+    """torch.load(path, weights_only=True) onto the CPU (the zoo saved CUDA tensors), one message per way it fails;
+    weights_only refuses pickled code (os.system, say), and torch's hint to retry unsafely is not passed on."""
     path = Path(path)
     if not path.is_file():
         raise IsADirectoryError(f"{path} is a folder, not a checkpoint file") if path.is_dir() else \

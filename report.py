@@ -6,8 +6,7 @@
 Runs whose configurations differ only in the seed (or in where and how fast they ran) make one row: mean and sample
 standard deviation of the test accuracy at the last epoch and at the best epoch. The dataset is a column: runs on
 synthetic data (--dataset fake, fake-full) test the code, not the method, and never share a row with CIFAR-100's.
-The figures have a colour per row: curves.png the test accuracy and loss terms per epoch, spectrum.png the spectrum of
-the projector of the rows that have one (srd): FIGURE, below, in report.md too.
+The figures: FIGURE, below, which report.md quotes.
 """
 import csv
 import json
@@ -57,9 +56,8 @@ class BadRun(ValueError):
 
 
 def recipe_defaults(config):
-    """What config.json holds for a flag not given: cli.recipe's values, data.py's dataset, the paper's float32
-    arithmetic (train.py picks bf16 or fp16 on GPUs, for speed) without TF32. A key that an older config.json lacks
-    takes this value, so old and new runs of one experiment group together."""
+    """What config.json holds for a flag not given (on GPUs train.py picks bf16 or fp16, for speed), and what an older
+    one means by a missing key, so old and new runs group: cli.recipe's values, data.py's dataset, float32, no TF32."""
     return {"teacher": None, "teacher_ckpt": None, "dataset": "cifar100", "train_subset": None, "precision": "fp32",
             "tf32": False, **cli.recipe(config["method"], config["student"], config["epochs"])}
 
@@ -112,21 +110,15 @@ def find_runs(runs_dirs):
             bf16 = config.pop("bf16", None)  # an older train.py's switch, where today's records "precision"
             config = {"precision": "bf16" if bf16 else "fp32", **config} if bf16 is not None else config
             config = {**recipe_defaults(config), **config}
-            logged = (folder / "log.csv").exists()
             if not (folder / "summary.json").exists():
-                epochs = len(read_log(folder / "log.csv")["epoch"]) if logged else 0
+                epochs = len(read_log(folder / "log.csv")["epoch"]) if (folder / "log.csv").exists() else 0
                 unfinished.append(f"{folder}: {epochs} of {config['epochs']} epochs logged")
                 continue
-            summary = cli.read_json(folder / "summary.json", ("last_accuracy", "best_accuracy", "last_epoch",
-                                                         "teacher_accuracy", "wall_time_s"))
-            numbers = {key: number(summary[key], f"{folder / 'summary.json'}: {key}")
-                       for key in ("last_accuracy", "best_accuracy", "last_epoch", "wall_time_s")}
-            if summary["teacher_accuracy"] is not None:
-                numbers["teacher_accuracy"] = number(summary["teacher_accuracy"],
-                                                   f"{folder / 'summary.json'}: teacher_accuracy")
-            if not logged:
-                raise BadRun(f"{folder / 'log.csv'}: missing")
-            curves = read_log(folder / "log.csv")
+            keys = ("last_accuracy", "best_accuracy", "last_epoch", "wall_time_s", "teacher_accuracy")
+            summary = cli.read_json(folder / "summary.json", keys)
+            numbers = {key: number(summary[key], f"{folder / 'summary.json'}: {key}") for key in keys
+                       if summary[key] is not None or key != "teacher_accuracy"}  # None: a run without a teacher
+            curves = read_log(folder / "log.csv")  # a missing one: unreadable
             if len(curves["epoch"]) != numbers["last_epoch"]:  # a log cut short, or one from another run
                 raise BadRun(f"{folder / 'log.csv'}: {len(curves['epoch'])} epochs, summary.json says "
                              f"{numbers['last_epoch']:.0f}")
@@ -151,11 +143,9 @@ def flags(config):
         if (key in NOT_THE_EXPERIMENT or key in COLUMNS_OF_THE_TABLE or key == TEACHER_IDENTITY
                 or key in defaults and defaults[key] == value):
             continue
-        flag = "--" + key.replace("_", "-")
-        if isinstance(value, bool):
-            shown.append(flag if value else "--no-" + flag[2:])
-        else:
-            shown.append(f"{flag} {' '.join(map(str, value)) if isinstance(value, list) else value}")
+        flag = key.replace("_", "-")
+        shown.append((f"--{flag}" if value else f"--no-{flag}") if isinstance(value, bool) else
+                     f"--{flag} {' '.join(map(str, value)) if isinstance(value, list) else value}")
     return shown
 
 
@@ -176,7 +166,6 @@ def group_runs(runs):
 
 
 def summarise(runs):
-    """One row of the table from the runs of one experiment."""
     config = runs[0]["config"]
     row = {**{key: config[key] or "" for key in COLUMNS_OF_THE_TABLE}, "setting": " ".join(flags(config)),
            "runs": len(runs), "seeds": " ".join(str(r["config"].get("seed")) for r in runs),
@@ -192,10 +181,9 @@ def summarise(runs):
 
 
 def markdown(rows, notes, paragraphs):
-    """report.md: the table, what its numbers are, each row's run folders, the notes ((title, lines), those with
-    lines), the paragraphs."""
-    def accuracy(mean, std):
-        return f"{mean:.2f} ± " + ("–" if std is None else f"{std:.2f}")
+    """report.md: the table, its footnote, each row's run folders, the notes (title, lines) with lines, paragraphs."""
+    def cell(value):  # None: no teacher, or a single run's standard deviation
+        return "–" if value is None else f"{value:.2f}"
 
     def described(r):
         return f"{r['dataset']} | {r['teacher'] or '–'} | {r['student']} | {r['method']} | {r['setting']}"
@@ -203,9 +191,8 @@ def markdown(rows, notes, paragraphs):
     lines = ["# Runs of train.py", "", "| dataset | teacher | student | method | setting | runs | last epoch (%) "
              "| best epoch (%) | teacher (%) | wall time (min) |", "|" + "---|" * 10]
     for r in rows:
-        teacher_acc = "–" if r["teacher_acc"] is None else f"{r['teacher_acc']:.2f}"
-        lines.append(f"| {described(r)} | {r['runs']} | {accuracy(r['last_acc_mean'], r['last_acc_std'])} | "
-                     f"{accuracy(r['best_acc_mean'], r['best_acc_std'])} | {teacher_acc} | "
+        lines.append(f"| {described(r)} | {r['runs']} | {cell(r['last_acc_mean'])} ± {cell(r['last_acc_std'])} | "
+                     f"{cell(r['best_acc_mean'])} ± {cell(r['best_acc_std'])} | {cell(r['teacher_acc'])} | "
                      f"{r['wall_time_s'] / 60:.1f} |")
     notes = [("Run folders of each row:", [f"{described(r)}: {r['folders']}" for r in rows]), *notes]
     for text in [FOOTER.replace("\n", " "), *("\n".join([title, *(f"- {item}" for item in items)])
@@ -276,18 +263,13 @@ def plot(groups, path, spectrum_path):
     return figure, spectrum_figure
 
 
-def parse_args(argv=None):
+def main(argv=None):
     p = cli.Parser(prog="python report.py", description=__doc__)
     p.add_argument("runs_dirs", nargs="*", type=Path, default=[Path("runs")], metavar="RUNS_DIR",
                    help="folders searched, at any depth, for run folders (default runs/); their runs are pooled")
-    p.add_argument("--out", type=Path, help="folder for report.md, report.csv and the figures (default the first "
-                   "RUNS_DIR)")
+    p.add_argument("--out", type=Path, help="folder for report.md, report.csv, figures (default the first RUNS_DIR)")
     p.add_argument("--no-plot", action="store_true", help="skip the figures")
-    return p.parse_args(argv)
-
-
-def main(argv=None):
-    args = parse_args(argv)
+    args = p.parse_args(argv)
     for folder in args.runs_dirs:
         if not folder.is_dir():
             sys.exit(f"error: {folder} is not a folder (train.py writes its runs below runs/ unless told --out)")

@@ -58,8 +58,8 @@ LOG_COLUMNS = ("epoch", "lr", "loss_ce", "loss_feat", "loss_kd", "loss_total", "
 RESUME_MAY_CHANGE = ("epochs", "data_dir", "no_download", "device", "compile", "channels_last", "fused_sgd",
                      "cuda_graphs", "teacher_cache", "device_name", "capability")
 # what a config.json from before each key existed means by its absence
-LATER_KEYS = {"tf32": False, "cuda_graphs": False, "teacher_cache": False, "teacher_file": None, "teacher_sha256": None,
-              "train_subset": None, "device_name": None, "capability": None, "data_md5": None}
+LATER_KEYS = {"tf32": False, "cuda_graphs": False, "teacher_cache": False, "teacher_file": None,
+              "teacher_sha256": None, "train_subset": None, "device_name": None, "capability": None, "data_md5": None}
 CHECKPOINT_KEYS = ("model", "epoch", "projector", "optimizer", "loader", "rng_cpu", "best", "wall_time_s")
 REPLACED = ("config.json", "log.csv", "last.pt", "best.pt", "summary.json", ".lock")
 STOP_SIGNALS = {"SIGINT": 130, "SIGTERM": 143}  # exit status: 128 + the signal's number, as shells report it
@@ -69,21 +69,17 @@ def flag(key):
     return "--" + key.replace("_", "-")
 
 
-# ---- the command line ------------------------------------------------------------------------------------------
-
 def add_flags(parser):
-    """--out and --resume: where a run goes, and continuing one."""
-    parser.add_argument("--out", help="run folder (default runs/<student> or runs/<teacher>-<student>-<method>-seed<k>)")
+    parser.add_argument("--out", help="folder (default runs/<student> or runs/<teacher>-<student>-<method>-seed<k>)")
     parser.add_argument("--resume", nargs="?", const=True, default=False, metavar="FOLDER", help="continue from the "
-                        "last checkpoint: the run in FOLDER (or --out), else this command's job, at whichever part it "
-                        "stopped")
+                        "last checkpoint: the run in FOLDER (or --out), else this command's job, wherever it stopped")
 
 
 def given_flags(parser, argv, args):
     """The flags argv gives, for --resume's comparison (argparse fills in only what a namespace lacks)."""
     unset = object()
     given = parser.parse_args(argv, argparse.Namespace(**{key: unset for key in vars(args)}))
-    return {"precision" if key == "bf16" else key for key, value in vars(given).items() if value is not unset}
+    return {key for key, value in vars(given).items() if value is not unset}
 
 
 def recorded_identity(folder):
@@ -96,8 +92,6 @@ def recorded_identity(folder):
     return [str(value) for value in ("--student", record["student"], *(["--teacher", record["teacher"]] if
             record["teacher"] else []), "--method", record["method"])]  # str: argparse names a hand-edited number
 
-
-# ---- the folder ------------------------------------------------------------------------------------------------
 
 def default_folder(config):
     """runs/<teacher>-<student>-<method>-seed<k> or runs/<student> alone, below runs/<dataset> for synthetic data and
@@ -140,49 +134,44 @@ def stop(signum, frame=None):  # the job's handler of Ctrl-C and SIGTERM (promis
 
 @contextlib.contextmanager
 def stops_explained(argv):
-    """A stop anywhere in the block (a job) exits 128 + the signal, with `stopped`'s message on the folders in `job`."""
+    """A stop in the block (a job) exits 128 + the signal, saying what `job`'s folders hold and how to go on."""
     _stops.update(deferred=False, pending=None, handled=False)
     job, previous = {}, {name: signal.signal(getattr(signal, name), stop) for name in STOP_SIGNALS}
     try:
         yield job
     except KeyboardInterrupt as interruption:
         name = interruption.args[0] if interruption.args else "SIGINT"
-        print(stopped(name, argv, **job), file=sys.stderr)
+        out, teacher_folder, epochs = job.get("out"), job.get("teacher_folder"), {}
+        for folder in (teacher_folder, out):
+            with contextlib.suppress(Exception):  # a missing or damaged last.pt: no epoch to resume from
+                epochs[folder] = int(models.read_checkpoint(folder / "last.pt")["epoch"])
+        how = "interrupted" if name == "SIGINT" else f"stopped by {name}"
+        again = shlex.join(["python", "train.py", *[arg for arg in argv if arg != "--resume"]])
+        if out in epochs:
+            print(f"{how}: epoch {epochs[out]} is the last complete one ({out / 'last.pt'}); continue with\n"
+                  f"  python train.py --resume {shlex.quote(str(out))}", file=sys.stderr)
+        elif teacher_folder in epochs and not (teacher_folder / "summary.json").exists():
+            print(f"{how} in the job's first part, the teacher run in {teacher_folder}: epoch {epochs[teacher_folder]} "
+                  f"is the last complete one; continue the job with\n  {again} --resume", file=sys.stderr)
+        else:
+            print(f"{how}: no epoch of {out or 'the run'} completed, so nothing can resume; start again with\n"
+                  f"  {again}", file=sys.stderr)
         raise SystemExit(STOP_SIGNALS[name]) from None
     finally:
         for name, handler in previous.items() if not _stops["handled"] else ():  # a stop's repeats stay ignored
             signal.signal(getattr(signal, name), handler)
 
 
-def stopped(signal_name, argv, out=None, teacher_folder=None):
-    """A stopped job's message (promise 5), read from its folders: what is saved, and the command that continues."""
-    epochs = {}
-    for folder in (teacher_folder, out):
-        with contextlib.suppress(Exception):  # a missing or damaged last.pt: no epoch to resume from
-            epochs[folder] = int(models.read_checkpoint(folder / "last.pt")["epoch"])
-    how = "interrupted" if signal_name == "SIGINT" else f"stopped by {signal_name}"
-    again = shlex.join(["python", "train.py", *[arg for arg in argv if arg != "--resume"]])
-    if out in epochs:
-        return (f"{how}: epoch {epochs[out]} is the last complete one ({out / 'last.pt'}); continue with\n"
-                f"  python train.py --resume {shlex.quote(str(out))}")
-    if teacher_folder in epochs and not (teacher_folder / "summary.json").exists():
-        return (f"{how} in the job's first part, the teacher run in {teacher_folder}: epoch {epochs[teacher_folder]} "
-                f"is the last complete one; continue the job with\n  {again} --resume")
-    return f"{how}: no epoch of {out or 'the run'} completed, so nothing can resume; start again with\n  {again}"
-
-
 @contextlib.contextmanager
-def claimed(out, resume):
-    """Hold out/.lock for the block (promise 2), and check the folder again once held."""
+def claimed(out, resume):  # out/.lock, held for the block (promise 2)
     out.mkdir(parents=True, exist_ok=True)
     if fcntl is None:
         print(f"warning: no file locks on this platform: nothing stops a second run from writing into {out}")
         yield check_folder(out, resume)
         return
-    try:  # never through a link, never truncated: the file may be another run's lock, or a link planted here
+    lock = None  # never through a link, never truncated: the file may be another run's lock, or a link planted here
+    with contextlib.suppress(OSError):
         lock = open(os.open(out / ".lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644), "r+")
-    except OSError:
-        lock = None
     if lock is None or not stat.S_ISREG(os.fstat(lock.fileno()).st_mode):
         sys.exit(f"error: cannot take {out / '.lock'} as the run's lock: it must be a plain file, not a link, folder "
                  f"or pipe. Remove it, and run again")
@@ -207,8 +196,7 @@ def claimed(out, resume):
 
 
 @contextlib.contextmanager
-def stops_deferred():
-    """Ctrl-C or SIGTERM inside the block takes effect at its end (promise 4)."""
+def stops_deferred():  # a Ctrl-C or SIGTERM in the block takes effect at its end (promise 4)
     _stops["deferred"] = True
     try:
         yield
@@ -217,8 +205,6 @@ def stops_deferred():
     if _stops["pending"]:
         stop(_stops["pending"])
 
-
-# ---- the files -------------------------------------------------------------------------------------------------
 
 def save_atomically(obj, path):
     """torch.save(obj), or obj as text if it is a str, to a fresh file fsynced and renamed over path (promise 3)."""
@@ -260,7 +246,6 @@ def logged_rows(out):
 
 
 def what_is_intact(out):
-    """For a failure's message: which of the run's files still hold its results."""
     notes = []
     for name in ("last.pt", "best.pt"):
         try:
@@ -298,7 +283,6 @@ def read_checkpoint(out, student):
 
 
 def check_data(config, out, datasets):
-    """The md5 of the run's images and labels as loaded, recorded in config, or refused if it differs (promise 6)."""
     digest = hashlib.md5()
     for tensor in (*datasets[0], *datasets[1]):
         digest.update(tensor.contiguous().numpy())
@@ -309,7 +293,6 @@ def check_data(config, out, datasets):
 
 
 def checkpoint(config, epoch, accuracy, best, wall_time_s, student, distill, optimizer, loader, scaler):
-    """The epoch's checkpoint: the published layout, every state a resume needs, the configuration trained with."""
     cuda = {"rng_cuda": torch.cuda.get_rng_state()} if config["device"].startswith("cuda") else {}
     return {"model": student.state_dict(), "epoch": epoch, "accuracy": accuracy, "model_name": config["student"],
             "projector": distill.state_dict() if distill is not None else {}, "optimizer": optimizer.state_dict(),
@@ -318,16 +301,15 @@ def checkpoint(config, epoch, accuracy, best, wall_time_s, student, distill, opt
 
 
 def non_finite(*states):
-    """Names of the floating-point tensors of the state_dicts `states` holding inf or NaN (one host sync in all)."""
     tensors = {name: t for state in states for name, t in state.items() if t.is_floating_point()}
-    finite = torch.stack([torch.isfinite(t).all() for t in tensors.values()]).tolist()
+    finite = torch.stack([torch.isfinite(t).all() for t in tensors.values()]).tolist()  # one host sync in all
     return [name for name, ok in zip(tensors, finite) if not ok]
 
 
 def check_finite(out, epoch, mean_terms, student, distill):
     """Stop before the checkpoint when the mean loss or any weight or buffer (a BatchNorm variance) is not finite."""
-    finite, bad = all(map(math.isfinite, mean_terms)), non_finite(student.state_dict(), distill.state_dict() if distill
-                                                                   is not None else {})
+    finite = all(map(math.isfinite, mean_terms))
+    bad = non_finite(student.state_dict(), distill.state_dict() if distill is not None else {})
     if finite and not bad:
         return
     what = f"non-finite loss in epoch {epoch} (ce, feat, kd, total = {mean_terms})" if not finite else \
@@ -355,8 +337,7 @@ def writing(out, what):
                  f"continue with: python train.py --resume {shlex.quote(str(out))}")
 
 
-def save_epoch(out, row, checkpoint, is_best):
-    """One epoch's log row, best.pt (when it is the best) and last.pt, in that order (promise 4)."""
+def save_epoch(out, row, checkpoint, is_best):  # in promise 4's order
     with writing(out, f"epoch {row['epoch']}"):
         write_log(out, [*(logged_rows(out) or []), row])
         if is_best:
@@ -365,8 +346,7 @@ def save_epoch(out, row, checkpoint, is_best):
 
 
 def start(out, config, resume, student, distill, optimizer, loader, scaler):
-    """A new run's empty log, or a resumed run's states restored (promise 6); then config.json. Returns the epoch to
-    start from, the best so far, the wall time already spent and the last checkpoint (None for a new run)."""
+    """A new run's empty log, or a resumed run's states restored (promise 6); then config.json."""
     if not resume:
         with writing(out, "the new run's log and configuration"):
             write_log(out, [])
@@ -410,22 +390,18 @@ def finish(out, config, last, best, teacher_accuracy):
                "best_epoch": best["epoch"], "teacher_accuracy": teacher_accuracy, "wall_time_s": last["wall_time_s"]}
     with writing(out, "summary.json"):
         save_atomically(json.dumps(summary, indent=2), out / "summary.json")
-    print(f"done: {config['student']} test accuracy {summary['last_accuracy']:.2f}% at the last epoch "
-          f"({summary['last_epoch']}), best {summary['best_accuracy']:.2f}% at epoch {summary['best_epoch']}; "
-          f"results in {out}")
+    print(f"done: {config['student']} test accuracy {last['accuracy']:.2f}% at the last epoch ({last['epoch']}), "
+          f"best {best['accuracy']:.2f}% at epoch {best['epoch']}; results in {out}")
     return summary
 
 
 def epoch_line(row, epochs):
-    skipped = f"  {row['skipped_steps']} steps skipped (fp16 overflow)" if row["skipped_steps"] else ""
-    return (f"epoch {row['epoch']:3d}/{epochs}  lr {row['lr']:.4g}  loss {row['loss_total']:.4f} (ce {row['loss_ce']:.4f} "
-            f"feat {row['loss_feat']:.4f} kd {row['loss_kd']:.4f})  train {row['train_acc']:.2f}%  "
-            f"test {row['test_acc']:.2f}%  {row['epoch_time_s']:.1f}s"
-            + (f"  {row['images_per_s']:.0f} img/s" if row["images_per_s"] else "")
-            + (f" (+{row['warmup_s']:.1f}s warm-up)" if row["warmup_s"] else "") + skipped)
+    return ("epoch {epoch:3d}/{epochs}  lr {lr:.4g}  loss {loss_total:.4f} (ce {loss_ce:.4f} feat {loss_feat:.4f} "
+            "kd {loss_kd:.4f})  train {train_acc:.2f}%  test {test_acc:.2f}%  {epoch_time_s:.1f}s"
+            .format(epochs=epochs, **row) + (f"  {row['images_per_s']:.0f} img/s" if row["images_per_s"] else "")
+            + (f" (+{row['warmup_s']:.1f}s warm-up)" if row["warmup_s"] else "")
+            + (f"  {row['skipped_steps']} steps skipped (fp16 overflow)" if row["skipped_steps"] else ""))
 
-
-# ---- the configuration and the teacher -------------------------------------------------------------------------
 
 def recorded_config(out, checkpoint, required):
     """(the configuration the run in `out` was trained with, a note on where it was read, or ""): last.pt's record
@@ -467,8 +443,7 @@ def resumed_config(config, out, given, checkpoint):
     if wrong:  # a hand-edited record: refused here, not as a traceback where the value is used
         sys.exit(f"error: cannot resume: {out}'s record holds {', '.join(wrong)}, not what train.py writes (edited by "
                  f"hand?). Nothing was changed; restore config.json, or start a new run")
-    differing = [key for key in sorted(given - {"resume", "out", *RESUME_MAY_CHANGE})
-                 if config.get(key) != saved.get(key)]
+    differing = sorted(key for key in given - {"resume", "out", *RESUME_MAY_CHANGE} if config[key] != saved.get(key))
     if differing:
         sys.exit(f"error: {out} was run with " + ", ".join(f"{flag(k)} {saved.get(k)}" for k in differing)
                  + "; this command asks for " + ", ".join(f"{flag(k)} {config.get(k)}" for k in differing)

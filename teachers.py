@@ -1,9 +1,8 @@
 """Where a distillation's teacher comes from, and the teacher cache. A reader of the training loop may skip this file.
 
 The teacher is, in this order: the file a resumed run recorded (checked by sha256), --teacher-ckpt (this project's
-checkpoint or a published ckpt_epoch_240.pth), or the last.pt of this project's own run of it in runs.default_folder,
-trained first (the student's recipe and data, cross-entropy alone) or finished as started; one shorter than the job,
-or trained on other data (by last.pt's record), is refused.
+checkpoint or a published ckpt_epoch_240.pth), or the last.pt of this project's own run of it (training_config) in
+runs.default_folder, trained first or finished as started; one shorter than the job, or of other data, is refused.
 """
 import sys
 import time
@@ -19,12 +18,15 @@ import runs
 
 CACHE_BATCH = 2048  # images per teacher forward pass while filling the teacher cache
 CACHE_HEADROOM = 2 * 2 ** 30  # bytes the teacher cache leaves free for training itself
+MOVE_AWAY = "move that folder away to train a new one, or pass --teacher-ckpt"  # the way out of a teacher run refused
 
 
-def training_config(config, lr):
-    """How this project trains a distillation's teacher: the same recipe and data, alone, on cross-entropy."""
-    return dict(config, student=config["teacher"], teacher=None, teacher_ckpt=None, method="none", lr=lr, ce_weight=1.0,
-                kd_weight=0.0, feat_weight=0.0, teacher_cache=False, teacher_file=None, teacher_sha256=None)
+def training_config(config):
+    """How this project trains a distillation's teacher: the same recipe and data, alone, on cross-entropy, at the lr
+    the recipe gives its architecture."""
+    return dict(config, student=config["teacher"], teacher=None, teacher_ckpt=None, method="none", ce_weight=1.0,
+                lr=cli.recipe("none", config["teacher"])["lr"], kd_weight=0.0, feat_weight=0.0, teacher_cache=False,
+                teacher_file=None, teacher_sha256=None)
 
 
 def check_checkpoint(config):
@@ -63,20 +65,17 @@ def teacher_file(config, teacher_config, train):
     for key in ("dataset", "train_subset", "data_md5"):  # an older record has no data_md5 (None)
         if recorded and recorded.get(key) != teacher_config.get(key) and (key != "data_md5" or recorded.get(key)):
             sys.exit(f"error: {folder} holds a teacher trained with {runs.flag(key)} {recorded.get(key)}, not this "
-                     f"run's {teacher_config.get(key)}: move that folder away to train a new one, or pass "
-                     f"--teacher-ckpt")
+                     f"run's {teacher_config.get(key)}: {MOVE_AWAY}")
     if finished and trained < config["epochs"]:
         sys.exit(f"error: {folder} holds a teacher trained for {trained} epochs, fewer than this run's "
-                 f"{config['epochs']}: pass --teacher-ckpt, or move that folder away to train a new one")
+                 f"{config['epochs']}: {MOVE_AWAY}")
     if not finished:
-        unfinished = (folder / "last.pt").exists()
-        if unfinished:  # finish it as it was started (with this job's device and speed switches)
+        if unfinished := (folder / "last.pt").exists():  # finished as started (this job's device and speed switches)
             given = set(runs.RESUME_MAY_CHANGE) - {"epochs", "device_name", "capability"}
             teacher_config = runs.resumed_config(teacher_config, folder, given, runs.read_checkpoint(folder, None))
             if teacher_config["epochs"] < config["epochs"]:  # stretched, its lr schedule would not be this job's
                 sys.exit(f"error: {folder} holds an unfinished teacher run of {teacher_config['epochs']} epochs, "
-                         f"fewer than this job's {config['epochs']}: move that folder away to train a new one, or "
-                         f"pass --teacher-ckpt")
+                         f"fewer than this job's {config['epochs']}: {MOVE_AWAY}")
         print(f"the job, in two parts (no finished teacher {config['teacher']} was found; --teacher-ckpt uses a "
               f"published one): 1. {'finish training' if unfinished else 'train'} {config['teacher']} alone, "
               f"{teacher_config['epochs']} epochs, in {folder}; 2. distil {config['student']} from it for "
@@ -86,8 +85,7 @@ def teacher_file(config, teacher_config, train):
 
 
 def resumes(out, config, teacher_config):
-    """Whether --resume continues the run in `out`: not where the job's own command stopped in its teacher run, before
-    the distillation had a checkpoint (that run resumes, then the distillation starts)."""
+    """Whether --resume continues `out`: not where the job stopped in its teacher run, before `out` had a checkpoint."""
     teacher_folder = own_folder(config, teacher_config)
     if (out / "last.pt").exists() or not teacher_folder or out != runs.default_folder(config) or \
             not (teacher_folder / "last.pt").exists() or (teacher_folder / "summary.json").exists():
@@ -99,9 +97,8 @@ def resumes(out, config, teacher_config):
 
 def own_folder(config, teacher_config):
     """The folder of the teacher run this job trains or reuses; None where the teacher is a file."""
-    if config["teacher"] and not config["teacher_ckpt"] and not config.get("teacher_sha256"):
-        return runs.default_folder(teacher_config)
-    return None
+    trains_or_reuses = config["teacher"] and not config["teacher_ckpt"] and not config.get("teacher_sha256")
+    return runs.default_folder(teacher_config) if trains_or_reuses else None
 
 
 def load(config, path, datasets):
@@ -116,8 +113,16 @@ def load(config, path, datasets):
     print(f"teacher {config['teacher']} from {path}")
     config.update(teacher_file=str(Path(path).resolve()), teacher_sha256=data.digest_of(path, "sha256"))
     if config["teacher_cache"]:
-        TeacherCache.check_fits(len(datasets[0][1]), teacher.feature_dim, 4 if config["precision"] == "fp32" else 2,
-                                config["device"])
+        num_images, itemsize, device = len(datasets[0][1]), 4 if config["precision"] == "fp32" else 2, config["device"]
+        needed = num_images * data.NUM_VIEWS * teacher.feature_dim * itemsize
+        print(f"teacher cache: {num_images:,} images x {data.NUM_VIEWS} views x {teacher.feature_dim} features x "
+              f"{itemsize} B = {needed / 2 ** 30:.2f} GiB on {device}")
+        if (free := devices.free_memory(device)) is None:
+            print("warning: this platform does not say how much memory is free: the cache's size is not checked")
+        elif needed + CACHE_HEADROOM > free:
+            sys.exit(f"error: the teacher cache needs {needed / 2 ** 30:.2f} GiB and {device} has "
+                     f"{free / 2 ** 30:.2f} GiB free, less the {CACHE_HEADROOM / 2 ** 30:.0f} GiB kept for training: "
+                     f"run without --teacher-cache (the same training, with the teacher run each step)")
     return teacher.eval().requires_grad_(False)
 
 
@@ -125,7 +130,7 @@ class TeacherCache:
     """The frozen teacher's pooled features for every training image under each of its 162 views, computed once.
 
     In eval mode the teacher's output depends on the view alone (9 x 9 crop offsets x 2 flips): 240 epochs at batch
-    64 (12 M teacher passes) instead read rows image * 162 + view of a table filled by 8.1 M passes in large batches,
+    64 (12 M teacher passes) instead read rows (image, view) of a table filled by 8.1 M passes in large batches,
     by `teacher_features`, the function the online step calls too. Each step runs the classifier on its rows (logits
     are not stored: a matmul's last bits can depend on the batch size; features alone take 28% less memory). So a run
     with the cache computes what one without does: bitwise on the CPU in float32 (test_train.py), on CUDA up to the
@@ -143,25 +148,10 @@ class TeacherCache:
                 if self.features is None:  # in the dtype the online teacher gives (bf16 under autocast)
                     self.features = features.new_empty(n, data.NUM_VIEWS, features.shape[1])
                 self.features[start:start + len(images), view] = features
-        self.features = self.features.flatten(0, 1)
         if device.type == "cuda":
             torch.cuda.synchronize()  # the kernels run asynchronously: wait, so the time below is the fill's
         self.fill_time_s = time.time() - started
         print(f"teacher cache filled: {n * data.NUM_VIEWS:,} views in {self.fill_time_s:.1f} s")
 
     def lookup(self, image_index, view):
-        return self.features[image_index * data.NUM_VIEWS + view]
-
-    @staticmethod
-    def check_fits(num_images, feature_dim, itemsize, device):
-        """Say the cache's size; refuse it where free memory (CPU: available RAM) less CACHE_HEADROOM is short."""
-        needed = num_images * data.NUM_VIEWS * feature_dim * itemsize
-        free = devices.free_memory(device)
-        print(f"teacher cache: {num_images:,} images x {data.NUM_VIEWS} views x {feature_dim} features x "
-              f"{itemsize} B = {needed / 2 ** 30:.2f} GiB on {device}")
-        if free is None:
-            print("warning: this platform does not say how much memory is free: the cache's size is not checked")
-        elif needed + CACHE_HEADROOM > free:
-            sys.exit(f"error: the teacher cache needs {needed / 2 ** 30:.2f} GiB and {device} has "
-                     f"{free / 2 ** 30:.2f} GiB free, less the {CACHE_HEADROOM / 2 ** 30:.0f} GiB kept for training: "
-                     f"run without --teacher-cache (the same training, with the teacher run each step)")
+        return self.features[image_index, view]

@@ -1,7 +1,6 @@
 """devices.py: what each device gets, on mocked GPUs; the GPU recipe's step (fp16 with loss scaling, bf16, fused SGD,
 torch.compile's inductor) run on the CPU against float32."""
 import csv
-import functools
 import json
 import math
 

@@ -1,7 +1,7 @@
 """Distil a CIFAR-100 teacher into a student with Miles & Mikolajczyk's projector loss, or with KD, or train alone.
 
     python train.py --teacher resnet32x4 --student resnet8x4      # the paper's method (SRD), 240 epochs
-    python train.py --student resnet32x4                          # a model alone, with cross-entropy (how teachers are made)
+    python train.py --student resnet32x4                          # a model alone, on cross-entropy (a teacher)
 
 A batch's path: data.Loader (augmented on the device) -> train_step -> make_loss_fn's loss (the student and the
 frozen teacher of models.py, CE + 2.0 x losses.FeatureDistillation) -> backward -> SGD. The recipe is CRD's (Tian,
@@ -55,9 +55,10 @@ def parse_args(argv=None):
                    "and 7/8 of --epochs, rounded down: 150 180 210 for 240)")
     p.add_argument("--batch-size", type=cli.number(int, 2, why=" (BatchNorm needs batch statistics)"),
                    help="training batch size")
-    p.add_argument("--lr", type=cli.number(minimum=0, above=True, maximum=10), help=f"initial lr (default 0.05; 0.01 for {', '.join(cli.SMALL_LR)})")
+    p.add_argument("--lr", type=cli.number(minimum=0, above=True, maximum=10),
+                   help=f"initial lr (default 0.05; 0.01 for {', '.join(cli.SMALL_LR)})")
     p.add_argument("--weight-decay", type=cli.number(minimum=0, maximum=1), help="SGD weight decay, on every parameter")
-    p.add_argument("--seed", type=cli.number(int, 0, maximum=2 ** 63 - 1), default=0, help="seed of init and data order")
+    p.add_argument("--seed", type=cli.number(int, 0, maximum=2 ** 63 - 1), default=0, help="seed of init, data order")
     data.add_flags(p, count)  # --dataset, --train-subset, --data-dir, --no-download
     runs.add_flags(p)  # --out, --resume
     p.set_defaults(**cli.RECIPE)  # the paper's recipe, one home shared with report.py; --help shows each
@@ -75,7 +76,7 @@ def parse_args(argv=None):
             (args.teacher and args.method == "none", "--method none trains the student alone: drop --teacher"),
             (not args.teacher and args.method != "none", f"--method {args.method} needs --teacher"),
             (args.teacher_cache and not args.teacher, "--teacher-cache stores a teacher's outputs: it needs --teacher"),
-            ((args.train_subset or 100) % 100, f"--train-subset {args.train_subset}: not a multiple of the 100 classes"),
+            ((args.train_subset or 100) % 100, f"--train-subset {args.train_subset}: not a multiple of 100 classes"),
             (args.milestones and args.milestones != sorted(set(args.milestones)), "--milestones must increase"),
             ((args.milestones or [0])[-1] > (args.epochs or cli.EPOCHS),
              f"--milestones {(args.milestones or [0])[-1]} is beyond --epochs {args.epochs or cli.EPOCHS}"),
@@ -94,12 +95,8 @@ def resolve_config(args):
     config = {k: v for k, v in vars(args).items() if k not in ("resume", "out", "given", "device_lines")}
     recipe = cli.recipe(args.method, args.student, args.epochs)  # for the flags not given (None)
     config.update({key: value for key, value in recipe.items() if config[key] is None})
-    config.update(
-        feat_weight=args.feat_weight if args.method == "srd" else 0.0,
-        device=device,
-        teacher_ckpt=str(Path(args.teacher_ckpt).resolve()) if args.teacher_ckpt else None,  # resumable from anywhere
-        **speed,
-    )
+    config.update(feat_weight=args.feat_weight if args.method == "srd" else 0.0, device=device, **speed,
+                  teacher_ckpt=str(Path(args.teacher_ckpt).resolve()) if args.teacher_ckpt else None)  # from anywhere
     return config
 
 
@@ -110,16 +107,11 @@ def lr_at(config, epoch):
 
 # ---- teacher ---------------------------------------------------------------------------------------------------
 
-def teacher_training_config(config):
-    return teachers.training_config(config, lr=cli.recipe("none", config["teacher"])["lr"])
-
-
 def provide_teacher(config, datasets):
     """The frozen teacher (teachers.py: a resumed run's, --teacher-ckpt, or this project's own, trained first by a call
     back into run()); teachers.load records its file and sha256 in config, hence config.json."""
-    path = teachers.teacher_file(config, teacher_training_config(config),
-                                 train=lambda teacher_config, folder, resume: run(teacher_config, folder, resume,
-                                                                                  datasets))
+    path = teachers.teacher_file(config, teachers.training_config(config),
+                                 train=lambda part_config, folder, resume: run(part_config, folder, resume, datasets))
     return teachers.load(config, path, datasets)
 
 
@@ -151,8 +143,9 @@ def build_student(config, teacher=None):
     # fused: the whole update in one kernel; the same maths as the textbook loop, weight decay on every parameter
     optimizer = torch.optim.SGD(parameters, lr=config["lr"], momentum=0.9, weight_decay=config["weight_decay"],
                                 fused=config["fused_sgd"], foreach=not config["fused_sgd"])
-    for parameter in parameters:  # zero momentum: with dampening 0 the textbook first step (buffer = gradient), and
-        # no uninitialised buffers in fused SGD when fp16's loss scaler skips that step (the kernel then writes nothing)
+    # zero momentum buffers: with dampening 0 the textbook first step (buffer = gradient), and no garbage in fused SGD's
+    # when fp16's loss scaler skips the first step (its kernel, which creates them uninitialised, then writes nothing)
+    for parameter in parameters:
         optimizer.state[parameter]["momentum_buffer"] = torch.zeros_like(parameter)
     return student, distill, optimizer
 
@@ -338,10 +331,10 @@ def main(argv=None):
         args = parse_args(argv)
         config = resolve_config(args)
         out = Path(args.resume if isinstance(args.resume, str) else args.out or runs.default_folder(config))
-        teacher_folder = teachers.own_folder(config, teacher_training_config(config))  # where the job trains it
+        teacher_folder = teachers.own_folder(config, teachers.training_config(config))  # where the job trains it
         job.update(out=out, teacher_folder=teacher_folder)
         # --resume of a job stopped in its teacher part resumes that part, and then starts this run (resume False)
-        resume = bool(args.resume) and teachers.resumes(out, config, teacher_training_config(config))
+        resume = bool(args.resume) and teachers.resumes(out, config, teachers.training_config(config))
         if resume:
             config = runs.resumed_config(config, out, args.given, runs.read_checkpoint(out, None))
             args.device_lines = [devices.line(config) + " (as the run recorded)"]
@@ -349,7 +342,7 @@ def main(argv=None):
         teachers.check_checkpoint(config)  # --teacher-ckpt: fail fast, before any data is downloaded or folder made
         if config["device"] == "cpu" and not resume:  # before any heavy work: how long, and what to run instead
             unfinished = teacher_folder and not (teacher_folder / "summary.json").exists()
-            devices.advise_cpu(config, teacher_training_config(config) if unfinished else None, step_seconds)
+            devices.advise_cpu(config, teachers.training_config(config) if unfinished else None, step_seconds)
         return run(config, out, resume)
 
 
