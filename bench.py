@@ -81,7 +81,7 @@ def parse_args(argv=None):
     for flag, default, what in (("--teacher", "resnet32x4", "teacher (random weights: timing only)"),
                                 ("--student", "resnet8x4", "student: " + ", ".join(train.models.MODEL_NAMES))):
         p.add_argument(flag, default=default, choices=train.models.MODEL_NAMES, metavar="NAME", help=what)
-    p.add_argument("--methods", nargs="+", choices=train.METHODS, default=list(train.METHODS), help="objectives")
+    p.add_argument("--methods", nargs="+", choices=cli.METHODS, default=list(cli.METHODS), help="objectives")
     p.add_argument("--pipelines", nargs="+", choices=PIPELINE_FLAGS, help="pipelines to time (default reference "
                    "and project, and graphs on CUDA)")
     for flag, kind, what in (("--steps", cli.number(int, 1, maximum=100_000), "timed steps per measurement"),

@@ -60,6 +60,7 @@ def read_json(path, required=()):
 RECIPE = {"feat_weight": 2.0, "temperature": 4.0, "projector": "mlp", "hidden_dim": 1024, "norm": "bn",
           "distance": "logsum", "alpha": 4.0, "batch_size": 64, "weight_decay": 5e-4}  # train.py's flag defaults
 EPOCHS = 240
+METHODS = ("srd", "kd", "none")  # the paper's loss, Hinton's KD, cross-entropy alone
 SMALL_LR = ("MobileNetV2", "ShuffleV1", "ShuffleV2")  # models CRD trains with lr 0.01
 
 

@@ -178,11 +178,6 @@ def class_balanced_subset(labels, size, num_classes=100):
     return torch.cat(firsts).sort().values
 
 
-def train_size(dataset, train_subset=None):
-    """How many training images a run of `dataset` (and --train-subset) trains on, known before anything loads."""
-    return train_subset or FAKE_SIZES.get(dataset, (50_000,))[0]
-
-
 def _checked_arrays(batch, path):
     """(pixels N x 3072 uint8, labels N int64) from an unpickled CIFAR-100 dict, or a DataError naming the problem."""
     def bad(problem):

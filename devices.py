@@ -4,18 +4,15 @@ checks and messages around them. A reader of the training loop may skip this fil
     device (CUDA compute capability)            precision                   torch.compile   channels_last, fused SGD
     A100, H100, H200, RTX 30/40 (8.0 and up)    bf16 autocast               on              on
     T4 and RTX 20 (7.5)                         fp16 autocast + GradScaler  on              on
-    V100 (7.0), P100 (6.0) and older            refused by torch 2.8+'s CUDA 12.8+ builds (no kernels for them): with a
-                                                build that has them (e.g. a CUDA 12.6 wheel), fp16 + GradScaler, and
-                                                torch.compile from 7.0 only
+    V100 (7.0), P100 (6.0) and older            refused by torch's CUDA 12.8 and 13 builds (2.11 on), which lack
+                                                their kernels; a CUDA 12.6 build: fp16 + GradScaler, compiled from 7.0
     CPU                                         fp32                        off             off
 
-bf16 has tensor cores from capability 8.0 on (below, it is emulated, slowly); fp16 with dynamic loss scaling is the
-standard answer on 7.x. torch.compile's Triton backend refuses GPUs below 7.0. A torch build carries kernels for a
-list of architectures (torch.cuda.get_arch_list()): a GPU outside it is refused before anything is loaded, not at its
-first kernel. channels_last and fused SGD have no capability floor. A step the GradScaler skips (overflow) reaches
-the fused kernel, which then writes nothing, not even the momentum buffers it creates at a first step: so
-train.build_student creates them as zeros. fp32 is IEEE float32: TF32, cuDNN's default for convolutions on 8.0+, is
-off and recorded (config "tf32"), and the losses are float32 in every case. A flag given always wins.
+bf16 has tensor cores from 8.0 on (below, it is emulated); fp16 with loss scaling is the answer on 7.x; Triton needs
+7.0. A GPU outside the torch build's architectures (torch.cuda.get_arch_list()) is refused before anything loads, not
+at its first kernel. A step the GradScaler skips reaches fused SGD's kernel, which then writes nothing, not even the
+momentum buffers it creates at a first step: train.build_student creates them as zeros. fp32 is IEEE float32 (TF32,
+cuDNN's default on 8.0+, off and recorded: config "tf32"); the losses are float32 always. A flag given always wins.
 """
 import argparse
 import contextlib
@@ -68,7 +65,7 @@ def check(device):
                  f"first CUDA kernel would fail (\"no kernel image is available\"). Install a torch build for this "
                  f"GPU: an older CUDA variant of the wheel (torch's install selector, pytorch.org, lists which GPUs "
                  f"each supports), or train on the CPU with --device cpu")
-    torch.cuda.set_device(parsed)
+    torch.cuda.set_device(parsed.index or 0)  # "cuda" alone is device 0 (set_device wants an index)
 
 
 def add_flags(parser):
@@ -160,15 +157,13 @@ def advise_cpu(config, teacher_config, step_seconds):
     """On the CPU, before any heavy work: how long the job takes here, and what to run instead when that is long.
     teacher_config: the recipe of a teacher the job trains first, or None; step_seconds(config) times one step.
     Tiny jobs (under 100,000 images in all: smoke runs, tests) are not timed."""
-    images = data.train_size(config["dataset"], config["train_subset"])
-    parts = [(teacher_config, f"the teacher {config['teacher']}")] if teacher_config else []
-    parts.append((config, f"{config['student']} {'alone' if config['method'] == 'none' else config['method']}"))
+    images = config["train_subset"] or data.FAKE_SIZES.get(config["dataset"], (50_000,))[0]  # training images
+    parts = {f"the teacher {config['teacher']}": teacher_config} if teacher_config else {}
+    parts[f"{config['student']} {'alone' if config['method'] == 'none' else config['method']}"] = config
     if len(parts) * config["epochs"] * images < 100_000:
         return
-    steps = config["epochs"] * -(-images // config["batch_size"])
-    seconds = [step_seconds(part) * steps for part, _ in parts]
-    plan = ", then ".join(f"{what} ({duration(s)})" for (_, what), s in zip(parts, seconds))
-    long = sum(seconds) > 6 * 3600
+    seconds = [step_seconds(part) * config["epochs"] * -(-images // config["batch_size"]) for part in parts.values()]
+    plan, long = ", then ".join(f"{what} ({duration(s)})" for what, s in zip(parts, seconds)), sum(seconds) > 6 * 3600
     print(f"{'warning' if long else 'note'}: no CUDA device: on this CPU the job needs about {duration(sum(seconds))}"
           f" ({plan}, {config['epochs']} epochs{' each' if len(parts) > 1 else ''}, at the pace of a few steps timed "
           f"here)" + (f". A CPU suits a short real-data experiment instead (the README's 'No GPU?'): {CPU_EXPERIMENT}"

@@ -69,9 +69,9 @@ class L2Normalise(nn.Module):
 def build_norm(norm, dim):
     """N. "bn": BatchNorm1d with no affine parameters, eps = 1e-4, and always batch statistics, in eval mode too
     (track_running_stats=False): (x - mean_b x) / sqrt(var_b x + 1e-4), biased variance. "gn" (Table 6.1's
-    GroupNorm): the same per sample over each group of ~GN_CHANNELS consecutive features, no affine parameters; the
-    group count gcd(dim, dim // 16) divides any dim (4 groups for resnet20's 64, 16 for resnet32x4's 256; one,
-    a per-sample standardisation, below 32). "l2": unit rows. "none"."""
+    GroupNorm): the same per sample over each group of consecutive features, no affine parameters; gcd(dim, dim // 16)
+    groups, which divides any dim: groups of GN_CHANNELS for the zoo's widths, all multiples of 16 (4 for resnet20's
+    64), one group (a per-sample standardisation) below 32. "l2": unit rows. "none"."""
     _check_choice("norm", norm, NORMS)
     if norm == "bn":
         return nn.BatchNorm1d(dim, eps=BN_EPS, affine=False, track_running_stats=False)

@@ -380,10 +380,7 @@ _BUILDERS = {
     "resnet32x4": partial(CifarResNet, 32, _X4),
     **{f"wrn_{d}_{k}": partial(WideResNet, d, k) for d, k in ((16, 1), (16, 2), (40, 1), (40, 2))},
     **{f"vgg{d}": partial(VGG, convs) for d, convs in _VGG_CONVS.items()},
-    "MobileNetV2": MobileNetV2,
-    "ShuffleV1": ShuffleV1,
-    "ShuffleV2": ShuffleV2,
-    "ResNet50": ResNet50,
+    **{model.__name__: model for model in (MobileNetV2, ShuffleV1, ShuffleV2, ResNet50)},
 }
 MODEL_NAMES = tuple(_BUILDERS)
 
@@ -404,19 +401,21 @@ def read_checkpoint(path):
     """torch.load(path, weights_only=True) onto the CPU (the zoo saved CUDA tensors), one message per way it fails;
     weights_only refuses pickled code (os.system, say), and torch's hint to retry unsafely is not passed on."""
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a folder, not a checkpoint file")
     if not path.is_file():
-        raise IsADirectoryError(f"{path} is a folder, not a checkpoint file") if path.is_dir() else \
-            FileNotFoundError(f"no checkpoint file at {path}")
+        raise FileNotFoundError(f"no checkpoint file at {path}")
     try:
         with warnings.catch_warnings():  # torch warns of a plain pickle's protocol before refusing it: one message
             warnings.simplefilter("ignore", UserWarning)
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises many types for a truncated or foreign file
-        named = re.search(r"GLOBAL ([\w.]+)", str(error))
-        raise ValueError(f"{path} holds code or objects a checkpoint should not ({named.group(1)}), so it was not "
-                         f"loaded: a checkpoint holds only tensors, numbers and strings" if named else
-                         f"{path} is not a readable checkpoint: truncated, corrupt or not a torch file "
-                         f"({type(error).__name__})") from None
+        named = re.search(r"GLOBAL ([\w.]+)", str(error))  # the callable a pickle asked for
+        if named:
+            raise ValueError(f"{path} holds code or objects a checkpoint should not ({named.group(1)}), so it was not "
+                             f"loaded: a checkpoint holds only tensors, numbers and strings") from None
+        raise ValueError(f"{path} is not a readable checkpoint: truncated, corrupt or not a torch file "
+                         f"({type(error).__name__}: {str(error).split('. ')[0][:200]})") from None
 
 
 def load_weights(model, path):
@@ -436,10 +435,11 @@ def load_state(model, state, source):
     expected = model.state_dict()
     shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
               if k in state and state[k].shape != v.shape]
-    problems = {"missing keys": [k for k in expected if k not in state], "unexpected keys": [k for k in state if
-                k not in expected], "shape mismatches, checkpoint vs model": shapes}
-    if any(problems.values()):
-        raise ValueError(f"{source} does not fit {type(model).__name__} (another architecture?); " + "; ".join(
-            f"{label} ({len(keys)}): {', '.join(keys[:6])}" + (f", ... ({len(keys) - 6} more)" if len(keys) > 6 else "")
-            for label, keys in problems.items() if keys))
+    problems = {"missing keys": [k for k in expected if k not in state],
+                "unexpected keys": [k for k in state if k not in expected],
+                "shape mismatches, checkpoint vs model": shapes}
+    listed = [f"{label} ({len(keys)}): {', '.join(keys[:6])}" + (f", ... ({len(keys) - 6} more)" if keys[6:] else "")
+              for label, keys in problems.items() if keys]
+    if listed:
+        raise ValueError(f"{source} does not fit {type(model).__name__} (another architecture?); " + "; ".join(listed))
     model.load_state_dict(state)

@@ -8,6 +8,7 @@ standard deviation of the test accuracy at the last epoch and at the best epoch.
 synthetic data (--dataset fake, fake-full) test the code, not the method, and never share a row with CIFAR-100's.
 The figures: FIGURE, below, which report.md quotes.
 """
+import contextlib
 import csv
 import json
 import math
@@ -64,13 +65,10 @@ def recipe_defaults(config):
 
 def number(value, where):
     """A finite float from a JSON number or a CSV cell; anything else (text, NaN, None from a cut row) is bad."""
-    try:
-        result = float(value) if isinstance(value, str) or type(value) in (int, float) else math.nan
-    except ValueError:
-        result = math.nan
-    if not math.isfinite(result):
-        raise BadRun(f"{where} is not a number: {value!r}")
-    return result
+    with contextlib.suppress(ValueError):  # text that is no number
+        if (isinstance(value, str) or type(value) in (int, float)) and math.isfinite(result := float(value)):
+            return result
+    raise BadRun(f"{where} is not a number: {value!r}")
 
 
 def read_log(path):
@@ -107,8 +105,6 @@ def find_runs(runs_dirs):
             config = {"epochs": cli.EPOCHS, **cli.read_json(config_path, ("student", "method"))}
             if type(config["epochs"]) is not int or config["epochs"] < 1:  # the milestones' default is computed from it
                 raise BadRun(f"{config_path}: epochs is not a positive whole number: {config['epochs']!r}")
-            bf16 = config.pop("bf16", None)  # an older train.py's switch, where today's records "precision"
-            config = {"precision": "bf16" if bf16 else "fp32", **config} if bf16 is not None else config
             config = {**recipe_defaults(config), **config}
             if not (folder / "summary.json").exists():
                 epochs = len(read_log(folder / "log.csv")["epoch"]) if (folder / "log.csv").exists() else 0

@@ -47,7 +47,9 @@ except ImportError:
 import torch
 
 import cli
+import data
 import devices
+import losses
 import models
 
 LOG_COLUMNS = ("epoch", "lr", "loss_ce", "loss_feat", "loss_kd", "loss_total", "train_acc", "test_acc",
@@ -57,10 +59,14 @@ LOG_COLUMNS = ("epoch", "lr", "loss_ce", "loss_feat", "loss_kd", "loss_total", "
 # computes (--device has its own check: random streams differ between devices)
 RESUME_MAY_CHANGE = ("epochs", "data_dir", "no_download", "device", "compile", "channels_last", "fused_sgd",
                      "cuda_graphs", "teacher_cache", "device_name", "capability")
-# what a config.json from before each key existed means by its absence
-LATER_KEYS = {"tf32": False, "cuda_graphs": False, "teacher_cache": False, "teacher_file": None,
+# what a config.json from before each key existed means by its absence (precision, tf32: every run then was on the
+# CPU, in float32)
+LATER_KEYS = {"precision": "fp32", "tf32": False, "cuda_graphs": False, "teacher_cache": False, "teacher_file": None,
               "teacher_sha256": None, "train_subset": None, "device_name": None, "capability": None, "data_md5": None}
-CHECKPOINT_KEYS = ("model", "epoch", "projector", "optimizer", "loader", "rng_cpu", "best", "wall_time_s")
+CHECKPOINT_KEYS = ("model", "epoch", "accuracy", "projector", "optimizer", "loader", "rng_cpu", "best", "wall_time_s")
+CHOICES = {"student": models.MODEL_NAMES, "teacher": (None, *models.MODEL_NAMES), "method": cli.METHODS,
+           "projector": losses.PROJECTORS, "norm": losses.NORMS, "distance": losses.DISTANCES,
+           "precision": devices.PRECISIONS, "dataset": data.DATASETS}  # a hand-edited name would fail far from here
 REPLACED = ("config.json", "log.csv", "last.pt", "best.pt", "summary.json", ".lock")
 STOP_SIGNALS = {"SIGINT": 130, "SIGTERM": 143}  # exit status: 128 + the signal's number, as shells report it
 
@@ -146,7 +152,9 @@ def stops_explained(argv):
             with contextlib.suppress(Exception):  # a missing or damaged last.pt: no epoch to resume from
                 epochs[folder] = int(models.read_checkpoint(folder / "last.pt")["epoch"])
         how = "interrupted" if name == "SIGINT" else f"stopped by {name}"
-        again = shlex.join(["python", "train.py", *[arg for arg in argv if arg != "--resume"]])
+        dropped = {i for i, arg in enumerate(argv) if arg.startswith("--resume")}  # and the FOLDER after a --resume
+        dropped |= {i + 1 for i in dropped if argv[i] == "--resume" and argv[i + 1:2 + i] and argv[i + 1][:1] != "-"}
+        again = shlex.join(["python", "train.py", *(arg for i, arg in enumerate(argv) if i not in dropped)])
         if out in epochs:
             print(f"{how}: epoch {epochs[out]} is the last complete one ({out / 'last.pt'}); continue with\n"
                   f"  python train.py --resume {shlex.quote(str(out))}", file=sys.stderr)
@@ -172,9 +180,9 @@ def claimed(out, resume):  # out/.lock, held for the block (promise 2)
     lock = None  # never through a link, never truncated: the file may be another run's lock, or a link planted here
     with contextlib.suppress(OSError):
         lock = open(os.open(out / ".lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644), "r+")
-    if lock is None or not stat.S_ISREG(os.fstat(lock.fileno()).st_mode):
-        sys.exit(f"error: cannot take {out / '.lock'} as the run's lock: it must be a plain file, not a link, folder "
-                 f"or pipe. Remove it, and run again")
+    if lock is None or not stat.S_ISREG(os.fstat(lock.fileno()).st_mode) or os.fstat(lock.fileno()).st_nlink != 1:
+        sys.exit(f"error: cannot take {out / '.lock'} as the run's lock: it must be a plain file, not a link (hard or "
+                 f"symbolic), folder or pipe. Remove it, and run again")
     with lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -428,18 +436,24 @@ def recorded_config(out, checkpoint, required):
                     if differing else "")
 
 
+def written_by_train_py(key, value, current):
+    """Whether a recorded value is one train.py writes for `key` (current: this command's, None where it may be)."""
+    if key in CHOICES:
+        return value in CHOICES[key]
+    if current is None or value is None:
+        return current is None or key in {k for k, v in LATER_KEYS.items() if v is None} | {"teacher_ckpt"}
+    if isinstance(current, list):
+        return isinstance(value, list) and all(type(item) is int for item in value)
+    return type(value) is type(current) or type(value) is int and type(current) is float
+
+
 def resumed_config(config, out, given, checkpoint):
     """recorded_config with the `given` flags RESUME_MAY_CHANGE lets change; any other that differs refused by name."""
-    required = [key for key in config if key not in LATER_KEYS and key != "precision"]  # what every version wrote
+    required = [key for key in config if key not in LATER_KEYS]  # what every version wrote
     saved, note = recorded_config(out, checkpoint, required)
     if note:
         print(note)
-    if "precision" not in saved:  # before --precision, bf16 autocast was a switch
-        saved["precision"] = "bf16" if saved.pop("bf16", False) else "fp32"
-    optional = {key for key, value in LATER_KEYS.items() if value is None} | {"teacher", "teacher_ckpt"}
-    wrong = [f"{key} {value!r}" for key, value in saved.items() if config.get(key) is not None and not (value is None
-             and key in optional or type(value) is int and type(config[key]) is float or type(value) is
-             type(config[key]) and all(type(item) is int for item in (value if type(value) is list else ())))]
+    wrong = [f"{key} {value!r}" for key, value in saved.items() if not written_by_train_py(key, value, config.get(key))]
     if wrong:  # a hand-edited record: refused here, not as a traceback where the value is used
         sys.exit(f"error: cannot resume: {out}'s record holds {', '.join(wrong)}, not what train.py writes (edited by "
                  f"hand?). Nothing was changed; restore config.json, or start a new run")

@@ -51,14 +51,14 @@ def test_optimised_step_matches_plain_step():
 def test_bench_runs_both_pipelines_on_cpu(capsys):
     results, failed = bench.main(["--teacher", "resnet8", "--student", "resnet8", "--steps", "2", "--warmup", "1",
                                   "--num-images", "128", "--workers", "0", "--device", "cpu"])
-    assert set(results) == {(m, p) for m in train.METHODS for p in ("reference", "project")} and not failed
+    assert set(results) == {(m, p) for m in train.cli.METHODS for p in ("reference", "project")} and not failed
     assert all(r["step_ms"] > 0 and r["images_per_s"] == pytest.approx(64e3 / r["step_ms"]) and r["warmup_s"] > 0
                and r["fill_s"] == 0 for r in results.values())
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("resnet8 -> resnet8, batch 64, 128 images, 0 workers (reference), 1 warm-up + 2 timed "
                                f"steps, cpu, torch {torch.__version__}")
     assert lines[1].split() == ["method", "pipeline", "ms/step", "images/s", "warm-up", "s", "fill", "s"]
-    for line, (method, pipeline) in zip(lines[2:], [(m, p) for p in ("reference", "project") for m in train.METHODS]):
+    for line, (method, pipeline) in zip(lines[2:], [(m, p) for p in ("reference", "project") for m in train.cli.METHODS]):
         row = results[method, pipeline]
         assert line.split() == [method, pipeline, *(f"{row[key]:.2f}" for key in ("step_ms", "images_per_s",
                                                                                  "warmup_s", "fill_s"))]

@@ -351,12 +351,13 @@ def test_links_planted_in_the_folder_are_never_written_through(run, tmp_path):
     assert not [path for path in run.glob("*.tmp") if not path.is_symlink()]  # no .tmp of its own left
 
 
-@pytest.mark.parametrize("kind", ["link", "folder", "fifo"])
+@pytest.mark.parametrize("kind", ["link", "hard link", "folder", "fifo"])
 def test_a_lock_that_is_not_a_plain_file_is_refused_and_not_followed(kind, run, tmp_path):
     precious, lock = tmp_path / "precious", run / ".lock"
     precious.write_text("keep")
     lock.unlink()
-    lock.symlink_to(precious) if kind == "link" else lock.mkdir() if kind == "folder" else os.mkfifo(lock)
+    {"link": lambda: lock.symlink_to(precious), "hard link": lambda: os.link(precious, lock), "folder": lock.mkdir,
+     "fifo": lambda: os.mkfifo(lock)}[kind]()
     message = exit_message(["--resume", str(run), "--epochs", "2"])
     assert f"cannot take {lock} as the run's lock" in message and "Remove it" in message
     assert precious.read_text() == "keep" and torch.load(run / "last.pt", weights_only=True)["epoch"] == 1
@@ -447,7 +448,8 @@ def test_ctrl_c_pressed_again_and_again_is_one_clean_stop(tmp_path):
     assert f"interrupted: epoch {epoch} is the last complete one" in stderr and f"--resume {out}" in stderr
 
 
-@pytest.mark.parametrize("field, value", [("lr", "abc"), ("milestones", None), ("epochs", "abc")])
+@pytest.mark.parametrize("field, value", [("lr", "abc"), ("milestones", None), ("epochs", "abc"), ("norm", "xx"),
+                                          ("distance", "kl"), ("precision", "fp64")])
 def test_a_hand_edited_config_beside_an_older_checkpoint_is_named(field, value, run):
     checkpoint = torch.load(run / "last.pt", weights_only=True)
     del checkpoint["config"]  # an older last.pt: config.json is the record
@@ -455,6 +457,21 @@ def test_a_hand_edited_config_beside_an_older_checkpoint_is_named(field, value, 
     (run / "config.json").write_text(json.dumps(dict(json.loads((run / "config.json").read_text()), **{field: value})))
     message = refused_unchanged(["--resume", str(run)], run)
     assert f"record holds {field} {value!r}, not what train.py writes" in message
+
+
+def test_the_way_on_after_a_stop_drops_resume_with_its_folder(tmp_path, capsys):
+    """A job stopped in its teacher part, started as `--resume FOLDER`: the command that continues it is the job's
+    own, with --resume once and without the folder as a stray argument (argparse would refuse it)."""
+    teacher_folder = tmp_path / "teacher"
+    teacher_folder.mkdir()
+    torch.save({"epoch": 3}, teacher_folder / "last.pt")
+    argv = ["--teacher", "resnet8", "--student", "resnet8", "--resume", str(tmp_path / "student"), "--epochs", "9"]
+    with pytest.raises(SystemExit) as exit_info, runs.stops_explained(argv) as job:
+        job.update(out=tmp_path / "student", teacher_folder=teacher_folder)
+        raise KeyboardInterrupt("SIGINT")
+    assert exit_info.value.code == 130
+    assert ("epoch 3 is the last complete one; continue the job with\n  python train.py --teacher resnet8 --student "
+            "resnet8 --epochs 9 --resume\n") in capsys.readouterr().err
 
 
 def test_a_recorded_student_that_is_not_a_name_is_one_line(run, capsys):

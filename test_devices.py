@@ -28,7 +28,9 @@ def mock_gpu(monkeypatch, name, capability, arch_list=OLD_AND_NEW, count=1):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
     monkeypatch.setattr(torch.cuda, "get_arch_list", lambda: arch_list)
-    monkeypatch.setattr(torch.cuda, "set_device", current.append)
+    # torch's own check of set_device's argument: it takes an index, or a device that has one
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: current.append(torch.cuda._utils._get_device_index(
+        device)))
     return current
 
 
@@ -105,7 +107,8 @@ def test_cuda_n_becomes_the_current_device(monkeypatch):
     """RNG states, synchronize and memory queries act on the current CUDA device: --device cuda:1 must be it."""
     current = mock_gpu(monkeypatch, "NVIDIA H100 80GB HBM3", (9, 0), count=2)
     config = train.resolve_config(train.parse_args(["--student", "resnet8", "--device", "cuda:1"]))
-    assert config["device"] == "cuda:1" and current == [torch.device("cuda:1")]
+    assert config["device"] == "cuda:1" and current == [1]
+    assert train.resolve_config(train.parse_args(["--student", "resnet8"]))["device"] == "cuda" and current == [1, 0]
     with pytest.raises(SystemExit, match="this machine has 2 CUDA device"):
         train.resolve_config(train.parse_args(["--student", "resnet8", "--device", "cuda:2"]))
 
@@ -271,14 +274,13 @@ def test_an_fp16_run_resumes_exactly(tmp_path, monkeypatch):
            [[r[c] for c in untimed] for r in read_log(tmp_path / "resumed")]
 
 
-def test_a_run_recorded_with_the_old_bf16_switch_resumes(tmp_path):
+def test_a_run_recorded_before_precision_was_recorded_resumes_in_fp32(tmp_path):
     datasets = (data.fake_cifar100(64, seed=0), data.fake_cifar100(50, seed=1))
     train.run(train.resolve_config(train.parse_args([*TINY, "--epochs", "1"])), tmp_path / "run", datasets=datasets)
     checkpoint = torch.load(tmp_path / "run/last.pt", weights_only=True)
     old = {key: value for key, value in checkpoint["config"].items()
            if key not in ("precision", "device_name", "capability", "train_subset")}
-    old["bf16"] = False  # as train.py wrote it before --precision
-    del checkpoint["config"], checkpoint["scaler"]  # and its checkpoints had neither
+    del checkpoint["config"], checkpoint["scaler"]  # as train.py wrote them before these keys: every such run in fp32
     torch.save(checkpoint, tmp_path / "run/last.pt")
     (tmp_path / "run/config.json").write_text(json.dumps(old))
     (tmp_path / "run/summary.json").unlink()
@@ -286,7 +288,7 @@ def test_a_run_recorded_with_the_old_bf16_switch_resumes(tmp_path):
     config = train.resolve_config(args)
     config = train.runs.resumed_config(config, tmp_path / "run", args.given, train.runs.read_checkpoint(
         tmp_path / "run", None))
-    assert config["precision"] == "fp32" and "bf16" not in config
+    assert config["precision"] == "fp32"
     assert train.run(config, tmp_path / "run", resume=True, datasets=datasets)["last_epoch"] == 2
     assert json.loads((tmp_path / "run/config.json").read_text())["precision"] == "fp32"
 

@@ -182,6 +182,8 @@ def damage(folder, kind):
         torch.save(torch.zeros(3), last)
     elif kind == "epoch as text":
         torch.save(dict(torch.load(last, weights_only=True), epoch="1"), last)
+    elif kind == "no accuracy":
+        torch.save({k: v for k, v in torch.load(last, weights_only=True).items() if k != "accuracy"}, last)
 
 
 @pytest.mark.parametrize("kind, says", [("truncated", "is not a readable checkpoint"),
@@ -190,7 +192,8 @@ def damage(folder, kind):
                                         ("another architecture", "does not fit CifarResNet"),
                                         ("weights only", "is not a checkpoint of a train.py run"),
                                         ("a bare tensor", "is not a checkpoint of a train.py run (model, epoch"),
-                                        ("epoch as text", "(epoch: missing or mistyped)")])
+                                        ("epoch as text", "(epoch: missing or mistyped)"),
+                                        ("no accuracy", "(accuracy: missing or mistyped)")])
 def test_resume_from_a_damaged_last_pt_names_it_and_what_is_intact(kind, says, run_copy):
     damage(run_copy, kind)
     before = snapshot(run_copy)

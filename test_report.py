@@ -112,14 +112,13 @@ def clean(tmp_path_factory, one_torch_thread):
             make(f"{method}/seed{seed}", "--teacher", "resnet8", "--teacher-ckpt", str(root / teacher / "last.pt"),
                  "--method", method, "--seed", seed)
     # the first experiment as an older train.py on a GPU machine recorded it: keys missing (they take their
-    # defaults), "bf16": false where today's records "precision", others set that do not change the experiment; its
+    # defaults, "precision" among them (fp32), others set that do not change the experiment; its
     # accuracies moved so that no two runs tie
     shutil.copytree(root / "alone/seed1", root / "alone-old/seed2")
     config = json.loads((root / "alone-old/seed2/config.json").read_text())
     for key in ("cuda_graphs", "hidden_dim", "alpha", "precision", "train_subset", "device_name", "capability"):
         del config[key]
-    config.update(seed=2, device="cuda:0", data_dir="/elsewhere", compile=True, channels_last=True, fused_sgd=True,
-                  bf16=False)
+    config.update(seed=2, device="cuda:0", data_dir="/elsewhere", compile=True, channels_last=True, fused_sgd=True)
     (root / "alone-old/seed2/config.json").write_text(json.dumps(config))
     summary = json.loads((root / "alone-old/seed2/summary.json").read_text())
     edit_json(root / "alone-old/seed2/summary.json", last_accuracy=summary["last_accuracy"] + 3.125,
@@ -337,14 +336,14 @@ def test_default_milestones_follow_the_epochs():
     assert setting(cpu_config("--milestones", "150", "180", "210")) == ""
 
 
-def test_precisions_stay_apart_and_old_bf16_joins_its_precision(tmp_path):
-    """bf16, fp16 and fp32 runs make three rows; an older config's "bf16": true or false joins bf16 or fp32; the GPU's
-    name and capability split nothing; --train-subset is part of the experiment."""
+def test_precisions_stay_apart_and_an_old_run_joins_fp32(tmp_path):
+    """bf16, fp16 and fp32 runs make three rows; an older config without "precision" (all on the CPU) joins fp32; the
+    GPU's name and capability split nothing; --train-subset is part of the experiment."""
     plain = cpu_config()
     old = {key: value for key, value in plain.items() if key not in ("precision", "device_name", "capability")}
-    configs = {"fp32/seed0": plain, "fp32-old/seed1": dict(old, seed=1, bf16=False),
+    configs = {"fp32/seed0": plain, "fp32-old/seed1": dict(old, seed=1),
                "bf16/seed0": dict(plain, precision="bf16", device_name="NVIDIA H200", capability="9.0"),
-               "bf16-old/seed1": dict(old, seed=1, bf16=True),
+               "bf16/seed1": dict(plain, seed=1, precision="bf16", device_name="NVIDIA A100", capability="8.0"),
                "fp16/seed0": dict(plain, precision="fp16", device_name="Tesla V100-SXM2-16GB", capability="7.0"),
                "subset/seed0": dict(plain, train_subset=10000)}
     for i, (folder, config) in enumerate(configs.items()):
@@ -352,7 +351,7 @@ def test_precisions_stay_apart_and_old_bf16_joins_its_precision(tmp_path):
     code, _, stderr = call_report(tmp_path, "--no-plot")
     assert code == 0, stderr
     assert {row["setting"]: folders_of(row, tmp_path) for row in read_rows(tmp_path / "report.csv")} == {
-        "": {"fp32/seed0", "fp32-old/seed1"}, "--precision bf16": {"bf16/seed0", "bf16-old/seed1"},
+        "": {"fp32/seed0", "fp32-old/seed1"}, "--precision bf16": {"bf16/seed0", "bf16/seed1"},
         "--precision fp16": {"fp16/seed0"}, "--train-subset 10000": {"subset/seed0"}}
 
 

@@ -25,7 +25,6 @@ import runs
 import teachers
 
 WARMUP_STEPS = 2  # per batch size: a compiled step compiles at its first call, a CUDA graph records at its second
-METHODS = ("srd", "kd", "none")
 
 
 # ---- the recipe and its flags ----------------------------------------------------------------------------------
@@ -38,8 +37,8 @@ def parse_args(argv=None):
                    "a resumed run's folder records it): " + ", ".join(models.MODEL_NAMES))
     p.add_argument("--teacher", choices=models.MODEL_NAMES, metavar="NAME", help="teacher to distil from (same names)")
     p.add_argument("--teacher-ckpt", help="teacher weights (this project's or the published ckpt_epoch_240.pth)")
-    p.add_argument("--method", choices=METHODS, help="srd: the paper's loss (default with a teacher); kd: Hinton KD; "
-                   "none: cross-entropy alone (default without a teacher)")
+    p.add_argument("--method", choices=cli.METHODS, help="srd: the paper's loss (default with a teacher); kd: Hinton "
+                   "KD; none: cross-entropy alone (default without a teacher)")
     p.add_argument("--feat-weight", type=non_negative, help="weight of the feature distance D (srd)")
     p.add_argument("--kd-weight", type=non_negative, help="weight of the KD term (default 0.9 for kd, 0 otherwise)")
     p.add_argument("--ce-weight", type=non_negative, help="weight of cross-entropy (default 0.1 for kd, 1 otherwise)")
@@ -249,8 +248,9 @@ def run(config, out, resume=False, datasets=None):
     runs.check_folder(out, resume)  # refuse before anything is loaded
     if resume:
         runs.read_checkpoint(out, config["student"])
-    print(textwrap.fill(" ".join(f"{key}={value}" for key, value in config.items()), 120,
-                        initial_indent=f"run in {out}: ", subsequent_indent="  "))  # all of it, as config.json
+    items = (f"{key}={value}".replace(" ", "\0") for key, value in config.items())  # wrapped between items only
+    print(textwrap.fill(" ".join(items), 120, initial_indent=f"run in {out}: ", subsequent_indent="  ").replace(
+        "\0", " "))  # all of it, as config.json
     try:
         datasets = datasets or data.load_datasets(config["dataset"], config["data_dir"], not config["no_download"],
                                                   config["train_subset"])
