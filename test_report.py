@@ -291,10 +291,10 @@ def test_report_does_not_import_torch(clean, tmp_path):
 def test_defaults_are_train_pys(argv):
     config = train.resolve_config(train.parse_args(["--student", "resnet8", *argv, "--device", "cpu"]))
     defaults = report.recipe_defaults(config)
-    assert set(defaults) - set(config) <= {"tf32"}  # what only GPU runs record (train.py: off on the CPU)
-    assert {key: config[key] for key in defaults if key in config and key not in report.COLUMNS_OF_THE_TABLE} == \
-           {key: value for key, value in defaults.items() if key in config and key not in report.COLUMNS_OF_THE_TABLE}
-    assert config.get("tf32", False) is defaults["tf32"] is False
+    assert set(defaults) <= set(config)  # every default is a key train.py records (tf32 among them, false everywhere)
+    assert {key: config[key] for key in defaults if key not in report.COLUMNS_OF_THE_TABLE} == \
+           {key: value for key, value in defaults.items() if key not in report.COLUMNS_OF_THE_TABLE}
+    assert config["tf32"] is defaults["tf32"] is False
     # every key train.py records is known here: either a recipe default, a column, or not part of the experiment
     assert set(config) <= {*defaults, *report.COLUMNS_OF_THE_TABLE, *report.NOT_THE_EXPERIMENT}
     assert setting(config) == ""
