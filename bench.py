@@ -71,7 +71,7 @@ def time_pipeline(args, method, pipeline, images, labels):
                                                  config, cache and cache.lookup(*drawn))
             if reference:
                 terms[3].item(), correct.item()  # the reference loops' meters: a host sync every step
-        torch.cuda.synchronize() if args.device.startswith("cuda") else None
+        train.devices.synchronize(args.device)
         seconds.append(time.perf_counter() - started)
     return seconds[1] / args.steps, seconds[0], cache.fill_time_s if cache else 0.0
 

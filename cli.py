@@ -32,11 +32,11 @@ def number(kind=float, minimum=None, above=False, maximum=None, why=""):
             raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
         if not math.isfinite(value):
             raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
-        if minimum is not None and (value <= minimum if above else value < minimum) or \
-                value > (math.inf if maximum is None else maximum):
-            bounds = [f"{'more than' if above else 'at least'} {minimum}"] * (minimum is not None) + \
-                [f"at most {maximum}"] * (maximum is not None)
-            raise argparse.ArgumentTypeError(f"must be {' and '.join(bounds)}{why}, got {text}")
+        too_low = minimum is not None and (value <= minimum if above else value < minimum)
+        if too_low or maximum is not None and value > maximum:
+            bounds = [f"{'more than' if above else 'at least'} {minimum}" if minimum is not None else "",
+                      f"at most {maximum}" if maximum is not None else ""]
+            raise argparse.ArgumentTypeError(f"must be {' and '.join(filter(None, bounds))}{why}, got {text}")
         return value
     return parse
 

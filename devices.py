@@ -123,9 +123,9 @@ def apply(config):
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = config.get("tf32", False)
 
 
-def synchronize(config):
+def synchronize(device):
     """Wait for the device's queued kernels (CUDA runs asynchronously), so that a time read next is theirs."""
-    if config["device"].startswith("cuda"):
+    if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
 
 

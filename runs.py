@@ -258,9 +258,9 @@ def what_is_intact(out):
     for name in ("last.pt", "best.pt"):
         try:
             state = dict(models.read_checkpoint(out / name))  # dict: never a tensor indexed by a string
-            notes.append(f"{name} (epoch {int(state['epoch'])}, {float(state['accuracy']):.2f}% test) is intact" + (
-                ", weights only" if set(CHECKPOINT_KEYS) - set(state) else " and holds a full checkpoint: copy it over "
-                "last.pt to resume from its epoch" if name == "best.pt" else ""))
+            resumable = " and holds a full checkpoint: copy it over last.pt to resume from its epoch"
+            how = ", weights only" if set(CHECKPOINT_KEYS) - set(state) else resumable if name == "best.pt" else ""
+            notes.append(f"{name} (epoch {int(state['epoch'])}, {float(state['accuracy']):.2f}% test) is intact{how}")
         except Exception:  # a damaged file fails in as many ways as it can be damaged
             notes.append(f"{name} is missing or unreadable")
     try:

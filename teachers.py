@@ -148,8 +148,7 @@ class TeacherCache:
                 if self.features is None:  # in the dtype the online teacher gives (bf16 under autocast)
                     self.features = features.new_empty(n, data.NUM_VIEWS, features.shape[1])
                 self.features[start:start + len(images), view] = features
-        if device.type == "cuda":
-            torch.cuda.synchronize()  # the kernels run asynchronously: wait, so the time below is the fill's
+        devices.synchronize(device)  # so that the time below is the fill's
         self.fill_time_s = time.time() - started
         print(f"teacher cache filled: {n * data.NUM_VIEWS:,} views in {self.fill_time_s:.1f} s")
 

@@ -212,14 +212,14 @@ def train_one_epoch(loss_fn, optimizer, scaler, loader, config, teacher_cache=No
     for images, labels, *drawn in loader:
         cold = warm.get(len(labels), 0) < WARMUP_STEPS and (config["compile"] or config["device"] != "cpu")
         if cold:
-            devices.synchronize(config)
+            devices.synchronize(config["device"])
             started = time.time()
         teacher_features = teacher_cache.lookup(*drawn) if teacher_cache is not None else None
         terms, correct, skipped = train_step(loss_fn, optimizer, scaler, images, labels, config, teacher_features)
         sums += terms * labels.shape[0]
         counts += torch.stack([correct, skipped])
         if cold:
-            devices.synchronize(config)
+            devices.synchronize(config["device"])
             warmup_s, warmup_images = warmup_s + time.time() - started, warmup_images + len(labels)
             warm[len(labels)] = warm.get(len(labels), 0) + 1
     *totals, correct, skipped = torch.cat([sums.double(), counts.double()]).tolist()  # the epoch's one sync
