@@ -61,8 +61,7 @@ def time_pipeline(args, method, pipeline, images, labels):
                              views=config["teacher_cache"], channels_last=config["channels_last"])
         if config["teacher_cache"]:
             cache = teachers.TeacherCache(lambda x: train.teacher_forward(teacher, x, config)[1], loader)
-    batches = itertools.chain.from_iterable(itertools.repeat(loader))
-    seconds = []
+    batches, seconds = itertools.chain.from_iterable(itertools.repeat(loader)), []
     for count in (args.warmup, args.steps):
         started = time.perf_counter()
         for _ in range(count):

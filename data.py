@@ -71,10 +71,8 @@ def digest_of(path, algorithm="md5"):
 
 
 def fetch_archive(root):
-    """root/cifar-100-python.tar.gz, downloaded (to a .part file, renamed once its md5 is right) unless present.
-
-    A file already there is checked, never replaced: it may be the only copy its owner has. Folders made for the
-    download are removed again when it fails: a mistyped --data-dir leaves nothing behind."""
+    """root/cifar-100-python.tar.gz, downloaded (to a .part file, renamed once its md5 is right) unless present: a file
+    already there is checked, never replaced (it may be the only copy its owner has)."""
     archive = root / ARCHIVE_URL.rsplit("/", 1)[-1]
     if archive.exists():
         if (got := digest_of(archive)) != ARCHIVE_MD5:
@@ -103,16 +101,14 @@ def fetch_archive(root):
     except BaseException:  # a Ctrl-C too: no half-downloaded file, and no folder made for it, stays behind
         with contextlib.suppress(OSError):  # missing, or below a file
             partial.unlink()
-        for folder in made:
+        for folder in made:  # a mistyped --data-dir leaves nothing behind
             with contextlib.suppress(OSError):  # not empty: someone else's now
                 folder.rmdir()
         raise
 
 
 def load_cifar100(root, train, download=False):
-    """(images uint8 N x 3 x 32 x 32, fine labels int64 N) of root/cifar-100-python/{train,test}, original order.
-
-    The pickle is checked before it is trusted: N x 3072 uint8 pixels, N labels in 0..99 (DataError otherwise)."""
+    """(images uint8 N x 3 x 32 x 32, fine labels int64 N) of root/cifar-100-python/{train,test}, original order."""
     root = pathlib.Path(root)
     if root.exists() and not root.is_dir():
         raise DataError(f"--data-dir {root} is a file, not a folder: point it at the folder holding cifar-100-python/")
@@ -131,7 +127,7 @@ def load_cifar100(root, train, download=False):
     except Exception as error:  # truncated (EOFError, UnpicklingError), not a pickle, or a refused global
         raise DataError(f"{path} is not a readable CIFAR-100 pickle ({type(error).__name__}: {error}); unpack the "
                         f"archive again. " + ways_out(root)) from None
-    pixels, labels = _checked_arrays(batch, path)
+    pixels, labels = _checked_arrays(batch, path)  # N x 3072 uint8 pixels, N labels in 0..99, or a DataError
     expected = 50_000 if train else 10_000
     if len(labels) != expected:
         print(f"note: {path} holds {len(labels):,} images, not CIFAR-100's {expected:,}")
@@ -239,10 +235,9 @@ def view_parameters(views):
 class Loader:
     """One pass over `images` per `for` loop, as (x float32 normalised, y int64) batches on `device`.
 
-    train=True: each epoch draws, from the loader's own generator, a fresh permutation, crop offsets uniform over
-    {0..8}^2 and flip bits with p=0.5, then augments them in a few large crop_and_flip calls; the last partial batch is
-    kept, as the reference DataLoaders do. The generator state (state_dict) is all a resume needs to replay the
-    following epochs exactly. train=False: the images in order, unaugmented.
+    train=True: each epoch draws, from the loader's own generator (its state_dict: all a resume needs to replay the
+    following epochs exactly), a fresh permutation, crop offsets uniform over {0..8}^2 and flip bits with p=0.5; the
+    last partial batch is kept, as the reference DataLoaders do. train=False: the images in order, unaugmented.
 
     views=True (train only): each batch also carries which image (its index in `images`) and which of its 162 views
     (view_index) every sample is, for a lookup of precomputed teacher outputs. channels_last=True: the images are
@@ -251,8 +246,7 @@ class Loader:
     def __init__(self, images, labels, batch_size, train, device, seed=0, views=False, channels_last=False):
         memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.images = images.to(device, memory_format=memory_format)  # the only host-to-device copy, and conversion
-        self.labels = labels.to(device)
-        self.num_samples = len(self.labels)
+        self.labels, self.num_samples = labels.to(device), len(labels)
         self.batch_size, self.train, self.device, self.views = batch_size, train, torch.device(device), views
         if views and not train:
             raise ValueError("views=True describes the augmentation of a training loader; this one has none")

@@ -9,10 +9,8 @@ checks and messages around them. A reader of the training loop may skip this fil
     CPU                                         fp32                        off             off
 
 bf16 has tensor cores from 8.0 on (below, it is emulated); fp16 with loss scaling is the answer on 7.x; Triton needs
-7.0. A GPU outside the torch build's architectures (torch.cuda.get_arch_list()) is refused before anything loads, not
-at its first kernel. A step the GradScaler skips reaches fused SGD's kernel, which then writes nothing, not even the
-momentum buffers it creates at a first step: train.build_student creates them as zeros. fp32 is IEEE float32 (TF32,
-cuDNN's default on 8.0+, off and recorded: config "tf32"); the losses are float32 always. A flag given always wins.
+7.0. fp32 is IEEE float32 (TF32, cuDNN's default on 8.0+, off and recorded: config "tf32"); the losses are float32
+always. A flag given always wins.
 """
 import argparse
 import contextlib
@@ -61,10 +59,9 @@ def check(device):
     capability, arch_list = torch.cuda.get_device_capability(device), torch.cuda.get_arch_list()
     if not has_kernels_for(capability, arch_list):
         sys.exit(f"error: {torch.cuda.get_device_name(device)} (compute capability {'%d.%d' % capability}) cannot "
-                 f"run this torch {torch.__version__}: it carries kernels for {', '.join(arch_list)} only, so the "
-                 f"first CUDA kernel would fail (\"no kernel image is available\"). Install a torch build for this "
-                 f"GPU: an older CUDA variant of the wheel (torch's install selector, pytorch.org, lists which GPUs "
-                 f"each supports), or train on the CPU with --device cpu")
+                 f"run this torch {torch.__version__}: it carries kernels for {', '.join(arch_list)} only, so its "
+                 f"first CUDA kernel would fail (\"no kernel image is available\"). Install a torch build for this GPU "
+                 f"(an older CUDA variant: pytorch.org's install selector lists each one's GPUs), or use --device cpu")
     torch.cuda.set_device(parsed.index or 0)  # "cuda" alone is device 0 (set_device wants an index)
 
 
@@ -117,8 +114,7 @@ def line(config):
 
 
 def apply(config):
-    """The process-wide switches of a run: cuDNN's autotuning (fixed input shapes: each shape's fastest kernels are
-    picked once), and TF32 as the configuration records it."""
+    """Process-wide: cuDNN autotuning (fixed input shapes: each one's fastest kernels picked once), TF32 as recorded."""
     torch.backends.cudnn.benchmark = True
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = config.get("tf32", False)
 
@@ -136,8 +132,7 @@ def autocast(config):
 
 
 def free_memory(device):
-    """Bytes free on a CUDA device, or available RAM for the CPU (Linux's MemAvailable; None where the platform does
-    not say)."""
+    """Bytes free on a CUDA device, or the CPU's available RAM (Linux's MemAvailable; None where not reported)."""
     if str(device).startswith("cuda"):
         return torch.cuda.mem_get_info(torch.device(device))[0]
     try:
@@ -155,12 +150,11 @@ def duration(seconds):
 
 def advise_cpu(config, teacher_config, step_seconds):
     """On the CPU, before any heavy work: how long the job takes here, and what to run instead when that is long.
-    teacher_config: the recipe of a teacher the job trains first, or None; step_seconds(config) times one step.
-    Tiny jobs (under 100,000 images in all: smoke runs, tests) are not timed."""
+    teacher_config: the recipe of a teacher the job trains first, or None; step_seconds(config) times one step."""
     images = config["train_subset"] or data.FAKE_SIZES.get(config["dataset"], (50_000,))[0]  # training images
     parts = {f"the teacher {config['teacher']}": teacher_config} if teacher_config else {}
     parts[f"{config['student']} {'alone' if config['method'] == 'none' else config['method']}"] = config
-    if len(parts) * config["epochs"] * images < 100_000:
+    if len(parts) * config["epochs"] * images < 100_000:  # a tiny job (a smoke run, a test) is not timed
         return
     seconds = [step_seconds(part) * config["epochs"] * -(-images // config["batch_size"]) for part in parts.values()]
     plan, long = ", then ".join(f"{what} ({duration(s)})" for what, s in zip(parts, seconds)), sum(seconds) > 6 * 3600
@@ -176,18 +170,10 @@ def cudagraph_skips():
     return counters["inductor"]["cudagraph_skips"]
 
 
-def warn_if_graphs_skipped(skips_before):
-    """With --cuda-graphs: torch falls back to plain compiled code silently unless asked; say so once."""
-    if cudagraph_skips() > skips_before:
-        print("warning: torch declined to record CUDA graphs for part of the step, which runs as plain compiled "
-              "code; TORCH_LOGS=cudagraphs shows why", flush=True)
-
-
 @contextlib.contextmanager
 def compile_failures_explained(config, resumed):
-    """A torch.compile failure inside the block exits with its first lines and --no-compile as the way out (no
-    silent fallback: the user decides). Its failures: dynamo's exceptions, and inductor's or Triton's (a C++ compiler
-    missing or failing, a GPU too old for Triton), which the lazily compiled backward pass can raise unwrapped."""
+    """A torch.compile failure in the block (dynamo's, inductor's or Triton's, which the lazily compiled backward raises
+    unwrapped: a C++ compiler missing or failing, a GPU too old) exits naming --no-compile: no silent fallback."""
     try:
         yield
     except Exception as error:

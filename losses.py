@@ -135,8 +135,7 @@ class FeatureDistillation(nn.Module):
             if features.shape[1] != dim:
                 raise ValueError(f"{name}_features has dim {features.shape[1]}, this loss was built for {dim}")
         if student_features.shape[0] != teacher_features.shape[0]:
-            raise ValueError(f"batch sizes differ: student {student_features.shape[0]}, "
-                             f"teacher {teacher_features.shape[0]}")
+            raise ValueError(f"batch sizes differ: student {len(student_features)}, teacher {len(teacher_features)}")
         if self.norm == "bn" and student_features.shape[0] < 2:
             raise ValueError("norm='bn' uses batch statistics and needs a batch of at least 2")
 

@@ -102,8 +102,7 @@ class CifarResNet(ZooNet):
         blocks_per_stage = (depth - 2) // 6
         self.conv1, self.bn1 = conv_and_bn(3, stem, 3)
         for i, (in_ch, out_ch) in enumerate(zip(widths, stage_widths)):
-            stage = make_stage(BasicBlock, in_ch, out_ch, blocks_per_stage, stride=1 if i == 0 else 2)
-            setattr(self, f"layer{i + 1}", stage)
+            setattr(self, f"layer{i + 1}", make_stage(BasicBlock, in_ch, out_ch, blocks_per_stage, 1 if i == 0 else 2))
         self.feature_dim = stage_widths[-1]
         self.fc = nn.Linear(self.feature_dim, num_classes)
         init_weights(self)
@@ -260,9 +259,8 @@ class ShuffleV1(ZooNet):
         super().__init__()
         self.conv1, self.bn1 = conv_and_bn(3, 24, 1)
         block = partial(ShuffleV1Block, groups=groups)
-        self.layer1 = make_stage(block, 24, 240, 4, stride=2)
-        self.layer2 = make_stage(block, 240, 480, 8, stride=2)
-        self.layer3 = make_stage(block, 480, 960, 4, stride=2)
+        for i, (in_ch, out_ch, num_blocks) in enumerate([(24, 240, 4), (240, 480, 8), (480, 960, 4)]):
+            setattr(self, f"layer{i + 1}", make_stage(block, in_ch, out_ch, num_blocks, stride=2))
         self.feature_dim = 960
         self.linear = nn.Linear(960, num_classes)  # the zoo keeps PyTorch's default init for ShuffleNets
 
@@ -285,8 +283,7 @@ class ShuffleV2Block(nn.Module):
 
     def forward(self, x):
         kept, transformed = x.chunk(2, dim=1)
-        out = F.relu(self.bn1(self.conv1(transformed)))
-        out = self.bn2(self.conv2(out))
+        out = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(transformed)))))
         out = F.relu(self.bn3(self.conv3(out)))
         return channel_shuffle(torch.cat([kept, out], 1), 2)
 
@@ -376,8 +373,7 @@ _SMALL, _X4 = (16, 16, 32, 64), (32, 64, 128, 256)
 _VGG_CONVS = {8: (1, 1, 1, 1, 1), 11: (1, 1, 2, 2, 2), 13: (2, 2, 2, 2, 2), 16: (2, 2, 3, 3, 3), 19: (2, 2, 4, 4, 4)}
 _BUILDERS = {
     **{f"resnet{d}": partial(CifarResNet, d, _SMALL) for d in (8, 14, 20, 32, 44, 56, 110)},
-    "resnet8x4": partial(CifarResNet, 8, _X4),
-    "resnet32x4": partial(CifarResNet, 32, _X4),
+    **{f"resnet{d}x4": partial(CifarResNet, d, _X4) for d in (8, 32)},
     **{f"wrn_{d}_{k}": partial(WideResNet, d, k) for d, k in ((16, 1), (16, 2), (40, 1), (40, 2))},
     **{f"vgg{d}": partial(VGG, convs) for d, convs in _VGG_CONVS.items()},
     **{model.__name__: model for model in (MobileNetV2, ShuffleV1, ShuffleV2, ResNet50)},

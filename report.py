@@ -49,7 +49,8 @@ flatters). Setting: the flags where a row departs from the paper's recipe, whose
 fp32). Wall time: mean per run."""
 FIGURE = """curves.png, a colour per row, means over its seeds per epoch: the test accuracy (with a min-max band) and
 each loss term used. spectrum.png, for rows whose runs have a projector (srd), the projector's spectrum from log.csv:
-how many singular values of each linear layer exceed 1% of its largest, and its effective rank exp(H(s / sum s))."""
+how many singular values of each linear layer exceed 1% of its largest, and its effective rank exp(H(s / sum s)).
+accuracy.png: each row's accuracy at the last epoch, a dot per run, with its mean ± std."""
 
 
 class BadRun(ValueError):
@@ -215,6 +216,31 @@ def style_legend(axes, styles):
         axes.legend(handles=handles)
 
 
+def labels_of(groups):
+    """Each group's name and the flags that set it apart; the flags all groups share (said once, in a title)."""
+    shown = [flags(runs[0]["config"]) for runs in groups]
+    common = [flag for flag in shown[0] if all(flag in other for other in shown)]
+    return [" ".join([name(runs[0]["config"]), *(f for f in group_flags if f not in common)])
+            for runs, group_flags in zip(groups, shown)], common
+
+
+def plot_rows(groups, rows, path):
+    """accuracy.png: each row's test accuracy at the last epoch, a dot per run, its mean ± std (summarise's) in black,
+    the rows from the top in report.md's order. Returns the (closed) figure."""
+    (labels, common), figure = labels_of(groups), plt.figure(figsize=(9, 1.5 + 0.35 * len(groups)))
+    for i, (runs, row) in enumerate(zip(groups, rows)):
+        plt.plot([r["last_accuracy"] for r in runs], [-i] * len(runs), "o", color=f"C{i % 10}", alpha=0.6)
+        plt.errorbar(row["last_acc_mean"], -i, xerr=row["last_acc_std"] or 0, fmt="|", color="black", markersize=14,
+                     capsize=4)
+    plt.yticks(range(0, -len(groups), -1), [f"{label} (n={len(runs)})" for label, runs in zip(labels, groups)])
+    plt.gca().set(xlabel="test accuracy at the last epoch (%): a dot per run, mean ± std in black",
+                  title=textwrap.fill("all rows: " + " ".join(common), 100) if common else None)
+    plt.grid(axis="x", alpha=0.3)
+    figure.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(figure)
+    return figure
+
+
 def plot(groups, path, spectrum_path):
     """FIGURE: the curves into path, the spectrum (where a group has one) into spectrum_path. Returns the (closed)
     figures, the second None without a spectrum: axes [accuracy, loss] and [count, effective rank], each line
@@ -223,10 +249,7 @@ def plot(groups, path, spectrum_path):
     spectrum = any(column in series for series in curves for column in SPECTRUM_COLUMNS)
     figure, (accuracy_axes, loss_axes) = plt.subplots(1, 2, figsize=(12, 4.5))
     spectrum_figure, spectrum_axes = plt.subplots(1, 2, figsize=(12, 4.5)) if spectrum else (None, [])
-    shown = [flags(runs[0]["config"]) for runs in groups]
-    common = [flag for flag in shown[0] if all(flag in other for other in shown)]  # said once, in the title
-    labels = [" ".join([name(runs[0]["config"]), *(f for f in group_flags if f not in common)])
-              for runs, group_flags in zip(groups, shown)]
+    labels, common = labels_of(groups)
     for i, (runs, series) in enumerate(zip(groups, curves)):
         x = series["epoch"]
         style = {"color": f"C{i % 10}", "marker": "o" if len(x) <= MARKERS_UP_TO else None, "markersize": 3}
@@ -271,8 +294,7 @@ def main(argv=None):
             sys.exit(f"error: {folder} is not a folder (train.py writes its runs below runs/ unless told --out)")
     out = args.out or args.runs_dirs[0]
     runs, unfinished, problems = find_runs(args.runs_dirs)
-    for problem in problems:
-        print(f"skipped {problem}", file=sys.stderr)
+    print("".join(f"skipped {problem}\n" for problem in problems), end="", file=sys.stderr)
     if not runs:
         sys.exit(f"error: no finished run below {', '.join(map(str, args.runs_dirs))} ({len(unfinished)} unfinished, "
                  f"{len(problems)} unreadable; a finished run folder holds config.json and summary.json)")
@@ -280,9 +302,8 @@ def main(argv=None):
     rows = [summarise(group) for group in groups]
     warnings = [f"{name(group[0]['config'])} {row['setting']}: a seed appears twice ({row['folders']})"
                 for group, row in zip(groups, rows) if len(set(row["seeds"].split())) < len(group)]
-    for warning in warnings:  # say, one run copied into two of the RUNS_DIRs
-        print(f"warning: {warning}", file=sys.stderr)
-    paths = [out / file for file in ("report.md", "report.csv", "curves.png", "spectrum.png")]
+    print("".join(f"warning: {w}\n" for w in warnings), end="", file=sys.stderr)  # a run copied twice, say
+    paths = [out / file for file in ("report.md", "report.csv", "curves.png", "spectrum.png", "accuracy.png")]
     table = markdown(rows, [("Unfinished runs, not in the table:", unfinished),
                             ("Skipped runs (a file that cannot be trusted), not in the table:", problems),
                             ("Warnings:", warnings)], [] if args.no_plot else [FIGURE.replace("\n", " ")])
@@ -296,6 +317,7 @@ def main(argv=None):
             writer.writerows(rows)  # full precision; an empty cell where there is no value (None)
         if not args.no_plot:
             plot(groups, paths[2], paths[3])
+            plot_rows(groups, rows, paths[4])
     except OSError as error:  # out is a file, or not writable: said by the error, with the path
         sys.exit(f"error: cannot write the report into {out}: {error} (--out FOLDER chooses where it goes)")
     print(f"wrote {', '.join(str(path) for path in paths if path.exists())}")

@@ -59,8 +59,7 @@ LOG_COLUMNS = ("epoch", "lr", "loss_ce", "loss_feat", "loss_kd", "loss_total", "
 # computes (--device has its own check: random streams differ between devices)
 RESUME_MAY_CHANGE = ("epochs", "data_dir", "no_download", "device", "compile", "channels_last", "fused_sgd",
                      "cuda_graphs", "teacher_cache", "device_name", "capability")
-# what a config.json from before each key existed means by its absence (precision, tf32: every run then was on the
-# CPU, in float32)
+# what a config.json older than each key means by its absence (precision, tf32: every run then was CPU float32)
 LATER_KEYS = {"precision": "fp32", "tf32": False, "cuda_graphs": False, "teacher_cache": False, "teacher_file": None,
               "teacher_sha256": None, "train_subset": None, "device_name": None, "capability": None, "data_md5": None}
 CHECKPOINT_KEYS = ("model", "epoch", "accuracy", "projector", "optimizer", "loader", "rng_cpu", "best", "wall_time_s")
@@ -401,6 +400,24 @@ def finish(out, config, last, best, teacher_accuracy):
     print(f"done: {config['student']} test accuracy {last['accuracy']:.2f}% at the last epoch ({last['epoch']}), "
           f"best {best['accuracy']:.2f}% at epoch {best['epoch']}; results in {out}")
     return summary
+
+
+def shown(loader, stream=None):
+    """The loader's batches; on a terminal only (never into a log or CI), one line redrawn each second or so with the
+    step, the images per second and the epoch's time left, erased before the epoch's own line."""
+    stream, started, drawn, images = stream or sys.stderr, time.perf_counter(), 0.0, 0  # sys.stderr as it is now
+    for step, batch in enumerate(loader, 1):
+        yield batch
+        images += len(batch[1])
+        if stream.isatty() and time.perf_counter() - drawn > 1:
+            drawn = time.perf_counter()
+            rate = images / max(drawn - started, 1e-6)
+            stream.write(f"\r  step {step}/{len(loader)}  {rate:.0f} img/s  "
+                         f"{(loader.num_samples - images) / rate:.0f}s left in this epoch ")
+            stream.flush()
+    if stream.isatty() and drawn:
+        stream.write("\r\033[K")  # erase the line: the epoch's line follows
+        stream.flush()
 
 
 def epoch_line(row, epochs):

@@ -22,8 +22,7 @@ MOVE_AWAY = "move that folder away to train a new one, or pass --teacher-ckpt"  
 
 
 def training_config(config):
-    """How this project trains a distillation's teacher: the same recipe and data, alone, on cross-entropy, at the lr
-    the recipe gives its architecture."""
+    """How a job trains its teacher: the same recipe and data, alone, on cross-entropy, at its architecture's lr."""
     return dict(config, student=config["teacher"], teacher=None, teacher_ckpt=None, method="none", ce_weight=1.0,
                 lr=cli.recipe("none", config["teacher"])["lr"], kd_weight=0.0, feat_weight=0.0, teacher_cache=False,
                 teacher_file=None, teacher_sha256=None)
@@ -84,9 +83,8 @@ def teacher_file(config, teacher_config, train):
     return folder / "last.pt"
 
 
-def resumes(out, config, teacher_config):
+def resumes(out, config, teacher_folder):
     """Whether --resume continues `out`: not where the job stopped in its teacher run, before `out` had a checkpoint."""
-    teacher_folder = own_folder(config, teacher_config)
     if (out / "last.pt").exists() or not teacher_folder or out != runs.default_folder(config) or \
             not (teacher_folder / "last.pt").exists() or (teacher_folder / "summary.json").exists():
         return True
@@ -101,9 +99,10 @@ def own_folder(config, teacher_config):
     return runs.default_folder(teacher_config) if trains_or_reuses else None
 
 
-def load(config, path, datasets):
-    """The frozen teacher from `path` on the run's device, its file recorded in config (path and sha256); with
-    --teacher-cache, refused here, before anything is filled or written, if the device cannot hold the cache."""
+def load(config, datasets, train):
+    """The frozen teacher (teacher_file's, train: its callback) on the run's device, its path and sha256 put in config;
+    with --teacher-cache, refused here, before anything is filled or written, if the device cannot hold the cache."""
+    path = teacher_file(config, training_config(config), train)
     memory_format = torch.channels_last if config["channels_last"] else torch.preserve_format
     teacher = models.build_model(config["teacher"]).to(config["device"], memory_format=memory_format)
     try:

@@ -13,6 +13,7 @@ import types
 from pathlib import Path
 
 import numpy as np
+import matplotlib.container
 import pytest
 
 import data
@@ -231,6 +232,24 @@ def test_curves_and_spectrum_pngs_are_written(clean):
     for name in (PNG, "spectrum.png"):  # the runs include srd, which has a projector
         png = (clean[0] / name).read_bytes()
         assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 10_000, name
+
+
+def test_accuracy_png_has_a_dot_per_run_and_each_rows_mean_and_std(clean):
+    assert (clean[0] / "accuracy.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+    groups = report.group_runs(report.find_runs([clean[0]])[0])
+    axes = report.plot_rows(groups, [report.summarise(g) for g in groups], clean[0] / "again.png").axes[0]
+    dots = [line for line in axes.lines if line.get_marker() == "o"]
+    bars = [c for c in axes.containers if isinstance(c, matplotlib.container.ErrorbarContainer)]
+    assert len(dots) == len(bars) == len(groups) == 4
+    for i, (runs, line, bar) in enumerate(zip(groups, dots, bars)):
+        accuracies = [json.loads((r["folder"] / "summary.json").read_text())["last_accuracy"] for r in runs]
+        assert sorted(line.get_xdata()) == sorted(accuracies) and set(line.get_ydata()) == {-i}
+        (mean,), (y,) = bar.lines[0].get_xdata(), bar.lines[0].get_ydata()
+        low, high = bar.lines[2][0].get_segments()[0][:, 0]
+        assert mean == pytest.approx(np.mean(accuracies)) and y == -i
+        assert (high - low) / 2 == pytest.approx(np.std(accuracies, ddof=1) if len(runs) > 1 else 0)
+    labels = [label.get_text() for label in axes.get_yticklabels()]
+    assert [label.endswith(f"(n={len(runs)})") for label, runs in zip(labels, groups)] == [True] * 4
 
 
 def test_broken_and_unfinished_runs_hide_nothing(clean, messy):

@@ -454,9 +454,26 @@ def test_the_ablation_list_holds_the_teacher_then_11_rows_of_3_seeds():
     assert len(lines) == 34 and all(line.startswith("python train.py ") for line in lines)
     teacher, *students = [train.parse_args(line.split()[2:]) for line in lines]
     assert (teacher.student, teacher.method, teacher.train_subset) == ("resnet20", "none", None)
-    assert {(s.student, s.train_subset, s.epochs) for s in students} == {("resnet8", 10000, 10)}
+    assert {(s.student, s.train_subset, s.epochs) for s in students} == {("resnet8", 10000, 6)}
     rows = {(s.method, s.norm, s.alpha, s.distance) for s in students}
     assert len(rows) == 11 and sorted(s.seed for s in students) == [0] * 11 + [1] * 11 + [2] * 11
     assert {row for row in rows if row[0] == "srd"} == {("srd", n, 4.0, "logsum") for n in ("bn", "none", "l2", "gn")} \
         | {("srd", "bn", a, "logsum") for a in (1.0, 2.0, 3.0, 5.0)} | {("srd", "bn", 4.0, "mse")}
     assert {s.teacher_ckpt for s in students if s.teacher} == {f"{teacher.out}/last.pt"}
+
+
+def test_progress_is_drawn_on_a_terminal_only_and_erased(monkeypatch):
+    import io
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+    clock = iter(range(2, 100, 2))  # each reading of the clock 2 s after the one before
+    monkeypatch.setattr(runs.time, "perf_counter", lambda: next(clock))
+    loader = data.Loader(torch.zeros(10, 3, 32, 32, dtype=torch.uint8), torch.arange(10), 4, False, "cpu")
+    terminal, log = Terminal(), io.StringIO()
+    assert [batch[1].tolist() for batch in runs.shown(loader, terminal)] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    assert terminal.getvalue() == ("\r  step 1/3  1 img/s  6s left in this epoch "  # 4 images in 4 s, 6 to go
+                                   "\r  step 2/3  1 img/s  2s left in this epoch \r  step 3/3  1 img/s  0s left "
+                                   "in this epoch \r\033[K")  # erased before the epoch's line
+    assert len(list(runs.shown(loader, log))) == 3 and log.getvalue() == ""  # nothing into a file or a pipe

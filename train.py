@@ -104,15 +104,7 @@ def lr_at(config, epoch):
     return config["lr"] * 0.1 ** sum(epoch > m for m in config["milestones"])
 
 
-# ---- teacher ---------------------------------------------------------------------------------------------------
-
-def provide_teacher(config, datasets):
-    """The frozen teacher (teachers.py: a resumed run's, --teacher-ckpt, or this project's own, trained first by a call
-    back into run()); teachers.load records its file and sha256 in config, hence config.json."""
-    path = teachers.teacher_file(config, teachers.training_config(config),
-                                 train=lambda part_config, folder, resume: run(part_config, folder, resume, datasets))
-    return teachers.load(config, path, datasets)
-
+# ---- the networks: the frozen teacher, the student and its projector -------------------------------------------
 
 def teacher_forward(teacher, images, config):
     """The frozen teacher's (logits, pooled features) under the run's autocast: eval mode, no graph. The online step
@@ -120,8 +112,6 @@ def teacher_forward(teacher, images, config):
     with torch.no_grad(), devices.autocast(config):
         return teacher(images, return_features=True)
 
-
-# ---- student and projector -------------------------------------------------------------------------------------
 
 def build_on_device(name, config):
     memory_format = torch.channels_last if config["channels_last"] else torch.preserve_format
@@ -132,8 +122,7 @@ def build_student(config, teacher=None):
     """The student, the feature-distillation module (srd only, else None) and one optimizer over both."""
     torch.manual_seed(config["seed"])  # the initialisation depends on the seed alone, not on the teacher's path
     student = build_on_device(config["student"], config)
-    distill = None
-    parameters = list(student.parameters())
+    distill, parameters = None, list(student.parameters())
     if config["method"] == "srd":
         distill = losses.FeatureDistillation(student.feature_dim, teacher.feature_dim, projector=config["projector"],
                                              hidden_dim=config["hidden_dim"], norm=config["norm"],
@@ -209,7 +198,7 @@ def train_one_epoch(loss_fn, optimizer, scaler, loader, config, teacher_cache=No
     sums = torch.zeros(4, device=config["device"])  # summed over samples on the device: no sync per step
     counts = torch.zeros(2, dtype=torch.long, device=config["device"])  # correct samples, skipped steps
     warmup_s, warmup_images, warm = 0.0, 0, {} if warm is None else warm
-    for images, labels, *drawn in loader:
+    for images, labels, *drawn in runs.shown(loader):
         cold = warm.get(len(labels), 0) < WARMUP_STEPS and (config["compile"] or config["device"] != "cpu")
         if cold:
             devices.synchronize(config["device"])
@@ -260,7 +249,8 @@ def run(config, out, resume=False, datasets=None):
     if len(datasets[0][1]) % config["batch_size"] == 1:
         sys.exit(f"error: {len(datasets[0][1])} training images in batches of {config['batch_size']} leave a last "
                  f"batch of one image, which BatchNorm cannot normalise: choose another --batch-size")
-    teacher = provide_teacher(config, datasets) if config["teacher"] else None
+    # teachers.py: a resumed run's, --teacher-ckpt, or this project's own, trained first by a call back into run()
+    teacher = teachers.load(config, datasets, train=lambda *part: run(*part, datasets)) if config["teacher"] else None
     with runs.claimed(out, resume):  # the lock
         return fit(config, out, resume, teacher, datasets)
 
@@ -294,15 +284,15 @@ def fit(config, out, resume, teacher, datasets):
                 loss_fn, optimizer, scaler, train_loader, config, teacher_cache, warm)
         epoch_time, steady_images = time.time() - epoch_started - warmup_s, train_loader.num_samples - warmup_images
         runs.check_finite(out, epoch, mean_terms, student, distill)  # the losses, and every weight and buffer
-        if config["cuda_graphs"] and epoch == start_epoch:
-            devices.warn_if_graphs_skipped(graph_skips)
+        if config["cuda_graphs"] and epoch == start_epoch and devices.cudagraph_skips() > graph_skips:
+            print("warning: torch declined to record CUDA graphs for part of the step, which runs as plain compiled "
+                  "code; TORCH_LOGS=cudagraphs shows why", flush=True)
         test_accuracy = evaluate(student, test_loader, config)
         if test_accuracy > best["accuracy"]:
             best = {"accuracy": test_accuracy, "epoch": epoch}
         row = {"epoch": epoch, "lr": lr, **dict(zip(("loss_ce", "loss_feat", "loss_kd", "loss_total"), mean_terms)),
-               "train_acc": train_accuracy, "test_acc": test_accuracy, "epoch_time_s": epoch_time,
-               "images_per_s": steady_images / epoch_time if steady_images else "", "warmup_s": warmup_s,
-               "skipped_steps": skipped,
+               "train_acc": train_accuracy, "test_acc": test_accuracy, "epoch_time_s": epoch_time, "warmup_s": warmup_s,
+               "images_per_s": steady_images / epoch_time if steady_images else "", "skipped_steps": skipped,
                **(distill.spectrum() if distill is not None else {})}  # the projector's singular values
         last = runs.checkpoint(config, epoch, test_accuracy, best, wall_before + time.time() - run_started,
                                student, distill, optimizer, train_loader, scaler)
@@ -333,8 +323,7 @@ def main(argv=None):
         out = Path(args.resume if isinstance(args.resume, str) else args.out or runs.default_folder(config))
         teacher_folder = teachers.own_folder(config, teachers.training_config(config))  # where the job trains it
         job.update(out=out, teacher_folder=teacher_folder)
-        # --resume of a job stopped in its teacher part resumes that part, and then starts this run (resume False)
-        resume = bool(args.resume) and teachers.resumes(out, config, teachers.training_config(config))
+        resume = bool(args.resume) and teachers.resumes(out, config, teacher_folder)  # False: its teacher part resumes
         if resume:
             config = runs.resumed_config(config, out, args.given, runs.read_checkpoint(out, None))
             args.device_lines = [devices.line(config) + " (as the run recorded)"]
