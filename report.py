@@ -292,8 +292,7 @@ def main(argv=None):
     for folder in args.runs_dirs:
         if not folder.is_dir():
             sys.exit(f"error: {folder} is not a folder (train.py writes its runs below runs/ unless told --out)")
-    out = args.out or args.runs_dirs[0]
-    runs, unfinished, problems = find_runs(args.runs_dirs)
+    out, (runs, unfinished, problems) = args.out or args.runs_dirs[0], find_runs(args.runs_dirs)
     print("".join(f"skipped {problem}\n" for problem in problems), end="", file=sys.stderr)
     if not runs:
         sys.exit(f"error: no finished run below {', '.join(map(str, args.runs_dirs))} ({len(unfinished)} unfinished, "

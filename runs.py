@@ -404,20 +404,21 @@ def finish(out, config, last, best, teacher_accuracy):
 
 def shown(loader, stream=None):
     """The loader's batches; on a terminal only (never into a log or CI), one line redrawn each second or so with the
-    step, the images per second and the epoch's time left, erased before the epoch's own line."""
-    stream, started, drawn, images = stream or sys.stderr, time.perf_counter(), 0.0, 0  # sys.stderr as it is now
-    for step, batch in enumerate(loader, 1):
-        yield batch
-        images += len(batch[1])
-        if stream.isatty() and time.perf_counter() - drawn > 1:
-            drawn = time.perf_counter()
-            rate = images / max(drawn - started, 1e-6)
-            stream.write(f"\r  step {step}/{len(loader)}  {rate:.0f} img/s  "
-                         f"{(loader.num_samples - images) / rate:.0f}s left in this epoch ")
-            stream.flush()
-    if stream.isatty() and drawn:
-        stream.write("\r\033[K")  # erase the line: the epoch's line follows
-        stream.flush()
+    step, the images per second and the epoch's time left, erased before the epoch's line or whatever ends it."""
+    stream = stream or sys.stderr  # sys.stderr as it is now (None where a daemon closed it)
+    tty, started, drawn, images = stream is not None and stream.isatty(), time.perf_counter(), 0.0, 0
+    try:
+        for step, batch in enumerate(loader, 1):
+            yield batch
+            images += len(batch[1])
+            if tty and time.perf_counter() - drawn > 1:
+                rate = images / max((drawn := time.perf_counter()) - started, 1e-6)  # on CUDA: the pace of launches
+                left = (loader.num_samples - images) / rate
+                print(f"\r\033[K  step {step}/{len(loader)}  {rate:.0f} img/s  {left:.0f}s left in this epoch", end="",
+                      file=stream, flush=True)  # \033[K: what a longer line before left is erased
+    finally:  # an exception or a stop too: its message starts on a clean line
+        if tty and drawn:
+            print("\r\033[K", end="", file=stream, flush=True)
 
 
 def epoch_line(row, epochs):

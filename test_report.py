@@ -234,10 +234,10 @@ def test_curves_and_spectrum_pngs_are_written(clean):
         assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 10_000, name
 
 
-def test_accuracy_png_has_a_dot_per_run_and_each_rows_mean_and_std(clean):
+def test_accuracy_png_has_a_dot_per_run_and_each_rows_mean_and_std(clean, tmp_path):
     assert (clean[0] / "accuracy.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
     groups = report.group_runs(report.find_runs([clean[0]])[0])
-    axes = report.plot_rows(groups, [report.summarise(g) for g in groups], clean[0] / "again.png").axes[0]
+    axes = report.plot_rows(groups, [report.summarise(g) for g in groups], tmp_path / "accuracy.png").axes[0]
     dots = [line for line in axes.lines if line.get_marker() == "o"]
     bars = [c for c in axes.containers if isinstance(c, matplotlib.container.ErrorbarContainer)]
     assert len(dots) == len(bars) == len(groups) == 4
@@ -249,7 +249,9 @@ def test_accuracy_png_has_a_dot_per_run_and_each_rows_mean_and_std(clean):
         assert mean == pytest.approx(np.mean(accuracies)) and y == -i
         assert (high - low) / 2 == pytest.approx(np.std(accuracies, ddof=1) if len(runs) > 1 else 0)
     labels = [label.get_text() for label in axes.get_yticklabels()]
-    assert [label.endswith(f"(n={len(runs)})") for label, runs in zip(labels, groups)] == [True] * 4
+    for label, runs in zip(labels, groups):  # each row named by its own runs, the --lr row apart
+        assert label.startswith(report.name(runs[0]["config"])) and label.endswith(f" (n={len(runs)})")
+        assert ("--lr 0.1" in label) == (runs[0]["config"]["lr"] == 0.1)
 
 
 def test_broken_and_unfinished_runs_hide_nothing(clean, messy):

@@ -1,5 +1,6 @@
 """train.py end to end on CPU: tiny models, fake data, a couple of epochs each."""
 import csv
+import io
 import json
 import shutil
 import subprocess
@@ -143,7 +144,7 @@ def test_resume_equals_uninterrupted_run(teacher_checkpoint, tmp_path, small_fak
            [[r[c] for c in untimed] for r in read_log(tmp_path / "resumed")]
 
 
-def test_projector_is_optimised_and_changes():
+def test_projector_is_optimised_and_changes(monkeypatch):
     config = train.resolve_config(train.parse_args(["--teacher", "resnet8", "--student", "resnet8", *TINY]))
     teacher = models.build_model("resnet8").eval().requires_grad_(False)
     student, distill, optimizer = train.build_student(config, teacher)
@@ -154,8 +155,10 @@ def test_projector_is_optimised_and_changes():
     images, labels = data.fake_cifar100(128, seed=0)
     loader = data.Loader(images, labels, 64, True, "cpu")
     loss_fn = train.make_loss_fn(student, teacher, distill, config)
+    monkeypatch.setattr(sys, "stderr", Terminal())
     train.train_one_epoch(loss_fn, optimizer, torch.amp.GradScaler("cpu", enabled=False), loader, config)
     assert all(not torch.equal(b, p) for b, p in zip(before, projector))
+    assert sys.stderr.getvalue().startswith("\r\033[K  step 1/2  ")  # the epoch shows its progress on a terminal
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -462,18 +465,27 @@ def test_the_ablation_list_holds_the_teacher_then_11_rows_of_3_seeds():
     assert {s.teacher_ckpt for s in students if s.teacher} == {f"{teacher.out}/last.pt"}
 
 
-def test_progress_is_drawn_on_a_terminal_only_and_erased(monkeypatch):
-    import io
+class Terminal(io.StringIO):
+    def isatty(self):
+        return True
 
-    class Terminal(io.StringIO):
-        def isatty(self):
-            return True
+
+def test_progress_is_drawn_on_a_terminal_only_and_erased(monkeypatch):
     clock = iter(range(2, 100, 2))  # each reading of the clock 2 s after the one before
     monkeypatch.setattr(runs.time, "perf_counter", lambda: next(clock))
     loader = data.Loader(torch.zeros(10, 3, 32, 32, dtype=torch.uint8), torch.arange(10), 4, False, "cpu")
     terminal, log = Terminal(), io.StringIO()
     assert [batch[1].tolist() for batch in runs.shown(loader, terminal)] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
-    assert terminal.getvalue() == ("\r  step 1/3  1 img/s  6s left in this epoch "  # 4 images in 4 s, 6 to go
-                                   "\r  step 2/3  1 img/s  2s left in this epoch \r  step 3/3  1 img/s  0s left "
-                                   "in this epoch \r\033[K")  # erased before the epoch's line
+    erase = "\r\033[K"  # each line drawn over the whole old one, and the last erased before the epoch's line
+    assert terminal.getvalue() == (f"{erase}  step 1/3  1 img/s  6s left in this epoch"  # 4 images in 4 s, 6 to go
+                                   f"{erase}  step 2/3  1 img/s  2s left in this epoch"
+                                   f"{erase}  step 3/3  1 img/s  0s left in this epoch{erase}")
     assert len(list(runs.shown(loader, log))) == 3 and log.getvalue() == ""  # nothing into a file or a pipe
+    stopped = Terminal()
+    with pytest.raises(KeyboardInterrupt):
+        for step, _ in enumerate(runs.shown(loader, stopped)):
+            if step == 1:
+                raise KeyboardInterrupt  # a stop mid-epoch: its message must start on a clean line
+    assert stopped.getvalue().endswith(f"left in this epoch{erase}")
+    monkeypatch.setattr(sys, "stderr", None)  # closed by a daemon: training goes on, silently
+    assert len(list(runs.shown(loader))) == 3
