@@ -133,12 +133,12 @@ def experiment(config):
 
 
 def flags(config):
-    """train.py's flags where this configuration departs from the recipe (a key unknown here is always shown), in
-    alphabetical order: the same whatever order a train.py wrote config.json in."""
+    """train.py's flags where this configuration departs from the recipe (a key unknown here always; the teacher's
+    path not where its sha256 is known, as in experiment()), in alphabetical order whatever config.json's order."""
     defaults, shown = recipe_defaults(config), []
     for key, value in sorted(config.items()):
         if (key in NOT_THE_EXPERIMENT or key in COLUMNS_OF_THE_TABLE or key == TEACHER_IDENTITY
-                or key in defaults and defaults[key] == value):
+                or key in defaults and defaults[key] == value or key == "teacher_ckpt" and TEACHER_IDENTITY in config):
             continue
         flag = key.replace("_", "-")
         shown.append((f"--{flag}" if value else f"--no-{flag}") if isinstance(value, bool) else

@@ -337,7 +337,7 @@ def test_readme_commands_make_one_row_per_pair_and_method(tmp_path):
     """The README's commands that reproduce the paper's table, as configurations (no training): four rows of three
     seeds."""
     readme = (Path(__file__).parent / "README.md").read_text()
-    section = readme[readme.index("## Results"):readme.index("### A small-scale check")]
+    section = readme[readme.index("## Results"):readme.index("### The paper's ablations")]
     for i, argv in enumerate(test_readme.commands(section, "train.py")):
         write_run(tmp_path / str(i), train.resolve_config(train.parse_args([*argv, "--device", "cpu"])), 70.0 + i)
     code, _, stderr = call_report(tmp_path, "--no-plot")
@@ -517,3 +517,9 @@ def test_a_read_only_out_is_refused_in_one_line(clean, tmp_path, where):
         assert not any(read_only.iterdir())
     finally:
         read_only.chmod(0o755)
+
+
+def test_a_teachers_path_is_no_flag_where_its_hash_names_it():
+    config = cpu_config("--teacher", "resnet8", "--teacher-ckpt", "/some/machine/last.pt")
+    assert "--teacher-ckpt /some/machine/last.pt" in report.flags(config)  # an older record: the path is all there is
+    assert not any("teacher-ckpt" in flag for flag in report.flags({**config, "teacher_sha256": "ab" * 32}))
