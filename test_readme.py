@@ -9,6 +9,7 @@ from pathlib import Path
 import bench
 import devices
 import train
+from test_report import call_report, read_rows, write_run
 
 PROJECT = Path(__file__).resolve().parent
 README = (PROJECT / "README.md").read_text()
@@ -57,3 +58,17 @@ def test_every_bench_command_parses():
 def test_the_no_gpu_line_names_the_command_train_py_advises():
     no_gpu = README[README.index("**No GPU?**"):].split("\n\n")[0]
     assert f"`{devices.CPU_EXPERIMENT}`" in " ".join(no_gpu.split())
+
+
+def test_readme_commands_make_one_row_per_pair_and_method(tmp_path):
+    """The README's commands that reproduce the paper's table, as configurations (no training): four rows of three
+    seeds."""
+    section = README[README.index("## Results"):README.index("### The paper's ablations")]
+    for i, argv in enumerate(commands(section, "train.py")):
+        write_run(tmp_path / str(i), train.resolve_config(train.parse_args([*argv, "--device", "cpu"])), 70.0 + i)
+    code, _, stderr = call_report(tmp_path, "--no-plot")
+    assert code == 0, stderr
+    rows = read_rows(tmp_path / "report.csv")
+    assert sorted((r["teacher"], r["student"], r["method"], r["seeds"]) for r in rows) == [
+        ("", "resnet8x4", "none", "0 1 2"), ("resnet32x4", "resnet8x4", "kd", "0 1 2"),
+        ("resnet32x4", "resnet8x4", "srd", "0 1 2"), ("wrn_40_2", "wrn_16_2", "srd", "0 1 2")]

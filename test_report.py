@@ -18,7 +18,6 @@ import pytest
 
 import data
 import report
-import test_readme
 import runs
 import train
 
@@ -75,8 +74,7 @@ def write_run(folder, config, accuracy, epochs=1, columns=runs.LOG_COLUMNS, **ce
 def figure_of(*roots):
     """report.plot's figures of every run below roots, as one: axes [accuracy, loss] (figure.png), then [count,
     effective rank] (spectrum.png) where there is a spectrum; and the groups."""
-    finished, _, _ = report.find_runs(roots)
-    groups = report.group_runs(finished)
+    groups = report.group_runs(report.find_runs(roots)[0])
     curves, spectrum = report.plot(groups, roots[0] / "figure.png", roots[0] / "spectrum.png")
     assert (spectrum is None) != (roots[0] / "spectrum.png").exists()
     return types.SimpleNamespace(axes=[*curves.axes, *(spectrum.axes if spectrum else [])],
@@ -229,29 +227,26 @@ def test_teacher_accuracy_is_the_teachers_own(clean):
 
 
 def test_curves_and_spectrum_pngs_are_written(clean):
-    for name in (PNG, "spectrum.png"):  # the runs include srd, which has a projector
+    for name in (PNG, "spectrum.png", "accuracy.png"):  # the runs include srd, which has a projector
         png = (clean[0] / name).read_bytes()
         assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 10_000, name
 
 
 def test_accuracy_png_has_a_dot_per_run_and_each_rows_mean_and_std(clean, tmp_path):
-    assert (clean[0] / "accuracy.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
     groups = report.group_runs(report.find_runs([clean[0]])[0])
     axes = report.plot_rows(groups, [report.summarise(g) for g in groups], tmp_path / "accuracy.png").axes[0]
     dots = [line for line in axes.lines if line.get_marker() == "o"]
     bars = [c for c in axes.containers if isinstance(c, matplotlib.container.ErrorbarContainer)]
-    assert len(dots) == len(bars) == len(groups) == 4
-    for i, (runs, line, bar) in enumerate(zip(groups, dots, bars)):
+    labels = [label.get_text() for label in axes.get_yticklabels()]
+    assert len(dots) == len(bars) == len(labels) == len(groups) == 4
+    for i, (runs, line, bar, label) in enumerate(zip(groups, dots, bars, labels)):
         accuracies = [json.loads((r["folder"] / "summary.json").read_text())["last_accuracy"] for r in runs]
         assert sorted(line.get_xdata()) == sorted(accuracies) and set(line.get_ydata()) == {-i}
-        (mean,), (y,) = bar.lines[0].get_xdata(), bar.lines[0].get_ydata()
         low, high = bar.lines[2][0].get_segments()[0][:, 0]
-        assert mean == pytest.approx(np.mean(accuracies)) and y == -i
+        assert (bar.lines[0].get_xdata()[0], bar.lines[0].get_ydata()[0]) == (pytest.approx(np.mean(accuracies)), -i)
         assert (high - low) / 2 == pytest.approx(np.std(accuracies, ddof=1) if len(runs) > 1 else 0)
-    labels = [label.get_text() for label in axes.get_yticklabels()]
-    for label, runs in zip(labels, groups):  # each row named by its own runs, the --lr row apart
         assert label.startswith(report.name(runs[0]["config"])) and label.endswith(f" (n={len(runs)})")
-        assert ("--lr 0.1" in label) == (runs[0]["config"]["lr"] == 0.1)
+        assert ("--lr 0.1" in label) == (runs[0]["config"]["lr"] == 0.1)  # each row named by its own runs
 
 
 def test_broken_and_unfinished_runs_hide_nothing(clean, messy):
@@ -325,27 +320,13 @@ def test_the_teacher_is_told_apart_by_its_file_not_its_path(clean):
     recorded = json.loads((clean[0] / "kd/seed0/config.json").read_text())  # as train.py wrote it
     assert set(recorded) <= {*report.recipe_defaults(recorded), *report.COLUMNS_OF_THE_TABLE,
                              *report.NOT_THE_EXPERIMENT, report.TEACHER_IDENTITY}
-    assert "sha256" not in setting(recorded) and "teacher-file" not in setting(recorded)
+    assert not any(word in setting(recorded) for word in ("sha256", "teacher-file", "teacher-ckpt"))  # hashed: no path
     moved = dict(recorded, teacher_ckpt="/another/machine/last.pt", teacher_file="/another/machine/last.pt")
     assert report.experiment(moved) == report.experiment(recorded)
     assert report.experiment(dict(recorded, teacher_sha256="0" * 64)) != report.experiment(recorded)
     older = {key: value for key, value in recorded.items() if key not in ("teacher_file", "teacher_sha256")}
     assert report.experiment(dict(older, teacher_ckpt="/elsewhere.pt")) != report.experiment(older)  # path alone
-
-
-def test_readme_commands_make_one_row_per_pair_and_method(tmp_path):
-    """The README's commands that reproduce the paper's table, as configurations (no training): four rows of three
-    seeds."""
-    readme = (Path(__file__).parent / "README.md").read_text()
-    section = readme[readme.index("## Results"):readme.index("### The paper's ablations")]
-    for i, argv in enumerate(test_readme.commands(section, "train.py")):
-        write_run(tmp_path / str(i), train.resolve_config(train.parse_args([*argv, "--device", "cpu"])), 70.0 + i)
-    code, _, stderr = call_report(tmp_path, "--no-plot")
-    assert code == 0, stderr
-    rows = read_rows(tmp_path / "report.csv")
-    assert sorted((r["teacher"], r["student"], r["method"], r["seeds"]) for r in rows) == [
-        ("", "resnet8x4", "none", "0 1 2"), ("resnet32x4", "resnet8x4", "kd", "0 1 2"),
-        ("resnet32x4", "resnet8x4", "srd", "0 1 2"), ("wrn_40_2", "wrn_16_2", "srd", "0 1 2")]
+    assert "--teacher-ckpt /elsewhere.pt" in report.flags(dict(older, teacher_ckpt="/elsewhere.pt"))  # said, then
 
 
 def test_default_milestones_follow_the_epochs():
@@ -496,7 +477,7 @@ def test_synthetic_runs_are_rows_of_their_own(clean, tmp_path):
 @pytest.mark.parametrize("where, why", [("a file", "File exists"), ("below a file", "Not a directory")])
 def test_an_out_that_is_a_file_is_refused_in_one_line(clean, tmp_path, where, why):
     (tmp_path / "file").write_text("kept")
-    out = tmp_path / "file" if where == "a file" else tmp_path / "file/sub"
+    out = tmp_path / ("file" if where == "a file" else "file/sub")
     code, _, _ = call_report(clean[0], "--no-plot", "--out", out)
     assert code.startswith(f"error: cannot write the report into {out}: ") and why in code and "\n" not in code
     assert code.endswith("(--out FOLDER chooses where it goes)")
@@ -505,8 +486,7 @@ def test_an_out_that_is_a_file_is_refused_in_one_line(clean, tmp_path, where, wh
 
 @pytest.mark.parametrize("where", ["itself", "its parent"])
 def test_a_read_only_out_is_refused_in_one_line(clean, tmp_path, where):
-    read_only = tmp_path / "read-only"
-    read_only.mkdir()
+    (read_only := tmp_path / "read-only").mkdir()
     read_only.chmod(0o555)
     try:
         if os.access(read_only, os.W_OK):
@@ -517,9 +497,3 @@ def test_a_read_only_out_is_refused_in_one_line(clean, tmp_path, where):
         assert not any(read_only.iterdir())
     finally:
         read_only.chmod(0o755)
-
-
-def test_a_teachers_path_is_no_flag_where_its_hash_names_it():
-    config = cpu_config("--teacher", "resnet8", "--teacher-ckpt", "/some/machine/last.pt")
-    assert "--teacher-ckpt /some/machine/last.pt" in report.flags(config)  # an older record: the path is all there is
-    assert not any("teacher-ckpt" in flag for flag in report.flags({**config, "teacher_sha256": "ab" * 32}))
