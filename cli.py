@@ -66,8 +66,20 @@ SMALL_LR = ("MobileNetV2", "ShuffleV1", "ShuffleV2")  # models CRD trains with l
 
 def recipe(method, model, epochs=None):
     """RECIPE and the values that follow from the method, the model trained and the epochs (None: EPOCHS): the lr, the
-    loss weights, and the lr milestones at 5/8, 6/8 and 7/8 of the epochs, rounded down."""
+    loss weights, and the lr milestones at 5/8, 6/8 and 7/8 of the epochs, rounded down; a run too short for three
+    distinct ones decays once per distinct epoch (2 epochs: once, after the first), never twice at one epoch."""
     kd, epochs_run = method == "kd", epochs or EPOCHS
-    return {**RECIPE, "epochs": EPOCHS, "milestones": [max(1, epochs_run * k // 8) for k in (5, 6, 7)],
+    return {**RECIPE, "epochs": EPOCHS, "milestones": sorted({max(1, epochs_run * k // 8) for k in (5, 6, 7)}),
             "lr": 0.01 if model in SMALL_LR else 0.05, "ce_weight": 0.1 if kd else 1.0, "kd_weight": 0.9 if kd else 0.0,
             "feat_weight": RECIPE["feat_weight"] if method == "srd" else 0.0}
+
+
+def inert(config):
+    """The names of the settings config records that change nothing in its run (train.make_loss_fn computes no feature
+    term without srd or at feat_weight 0, no KD term without a teacher or at kd_weight 0): report.py ignores them."""
+    srd, kd = config["method"] == "srd", config["method"] != "none" and config["kd_weight"] != 0
+    feature = srd and config["feat_weight"] != 0
+    effective = {"feat_weight": srd, "projector": feature, "norm": feature, "distance": feature, "temperature": kd,
+                 "hidden_dim": feature and config["projector"] == "mlp", "kd_weight": config["method"] != "none",
+                 "alpha": feature and config["distance"] in ("logsum", "pow")}  # corr's exponent is fixed at 4
+    return {key for key, matters in effective.items() if not matters}

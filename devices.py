@@ -25,6 +25,7 @@ PRECISIONS = ("bf16", "fp16", "fp32")
 NATIVE_BF16, TRITON = (8, 0), (7, 0)  # the compute capabilities each needs
 # what a CPU runs instead of the recipe: a short real-data experiment (the README's "No GPU?" line)
 CPU_EXPERIMENT = "python train.py --teacher resnet20 --student resnet8 --train-subset 10000 --epochs 10"
+CPU_LIMIT_H = 4  # a CPU job estimated longer is refused (a run of days is a mistake more often than a plan)
 
 
 def has_kernels_for(capability, arch_list):
@@ -68,6 +69,8 @@ def check(device):
 def add_flags(parser):
     """--device and the speed switches, whose defaults choose() takes from the device."""
     parser.add_argument("--device", help="cuda, cuda:N or cpu (default: cuda when present)")
+    parser.add_argument("--allow-slow", action="store_true", help=f"train on a CPU even where the job's estimate "
+                        f"exceeds {CPU_LIMIT_H} hours (refused otherwise)")
     speed = parser.add_argument_group("speed (defaults chosen from the device: see devices.py)")
     speed.add_argument("--precision", choices=PRECISIONS, help="autocast of the networks (default bf16 on GPUs of "
                        "compute capability 8.0+, fp16 with loss scaling on older GPUs, fp32 on the CPU)")
@@ -148,8 +151,8 @@ def duration(seconds):
     return f"{seconds / 60:.0f} min" if hours < 2 else f"{hours:.1f} h" if hours <= 48 else f"{hours / 24:.1f} days"
 
 
-def advise_cpu(config, teacher_config, step_seconds):
-    """On the CPU, before any heavy work: how long the job takes here, and what to run instead when that is long.
+def advise_cpu(config, teacher_config, step_seconds, allow_slow=False):
+    """On the CPU, before any heavy work: how long the job takes here; refused beyond CPU_LIMIT_H unless allow_slow.
     teacher_config: the recipe of a teacher the job trains first, or None; step_seconds(config) times one step."""
     images = config["train_subset"] or data.FAKE_SIZES.get(config["dataset"], (50_000,))[0]  # training images
     parts = {f"the teacher {config['teacher']}": teacher_config} if teacher_config else {}
@@ -157,11 +160,14 @@ def advise_cpu(config, teacher_config, step_seconds):
     if len(parts) * config["epochs"] * images < 100_000:  # a tiny job (a smoke run, a test) is not timed
         return
     seconds = [step_seconds(part) * config["epochs"] * -(-images // config["batch_size"]) for part in parts.values()]
-    plan, long = ", then ".join(f"{what} ({duration(s)})" for what, s in zip(parts, seconds)), sum(seconds) > 6 * 3600
-    print(f"{'warning' if long else 'note'}: no CUDA device: on this CPU the job needs about {duration(sum(seconds))}"
-          f" ({plan}, {config['epochs']} epochs{' each' if len(parts) > 1 else ''}, at the pace of a few steps timed "
-          f"here)" + (f". A CPU suits a short real-data experiment instead (the README's 'No GPU?'): {CPU_EXPERIMENT}"
-                      if long else ""), flush=True)
+    plan, long = ", then ".join(f"{what} ({duration(s)})" for what, s in zip(parts, seconds)), sum(seconds) > \
+        CPU_LIMIT_H * 3600
+    estimate = (f"no CUDA device: on this CPU the job needs about {duration(sum(seconds))} ({plan}, {config['epochs']} "
+                f"epochs{' each' if len(parts) > 1 else ''}, at the pace of a few steps timed here)")
+    if long and not allow_slow:
+        sys.exit(f"error: {estimate}. A CPU suits a short real-data experiment instead (the README's 'No GPU?'): "
+                 f"{CPU_EXPERIMENT}; to train this job here anyway, add --allow-slow")
+    print(f"{'warning' if long else 'note'}: {estimate}", flush=True)
 
 
 def cudagraph_skips():

@@ -66,6 +66,7 @@ CHECKPOINT_KEYS = ("model", "epoch", "accuracy", "projector", "optimizer", "load
 CHOICES = {"student": models.MODEL_NAMES, "teacher": (None, *models.MODEL_NAMES), "method": cli.METHODS,
            "projector": losses.PROJECTORS, "norm": losses.NORMS, "distance": losses.DISTANCES,
            "precision": devices.PRECISIONS, "dataset": data.DATASETS}  # a hand-edited name would fail far from here
+DERIVED = ("data_md5", "teacher_file", "teacher_sha256")  # recorded once the data and the teacher are loaded
 REPLACED = ("config.json", "log.csv", "last.pt", "best.pt", "summary.json", ".lock")
 STOP_SIGNALS = {"SIGINT": 130, "SIGTERM": 143}  # exit status: 128 + the signal's number, as shells report it
 
@@ -107,12 +108,27 @@ def default_folder(config):
                    f"{config['teacher']}-{config['student']}-{config['method']}-seed{config['seed']}")
 
 
-def check_folder(out, resume):
-    """Refuse, before anything is loaded or written, a run that would overwrite results or could not save its own."""
+def holds_results(out):
+    return any((out / name).exists() for name in ("last.pt", "best.pt", "summary.json"))
+
+
+def check_folder(out, resume, config):
+    """Refuse, before anything is loaded or written, a run that would overwrite results or another run's records (a
+    config.json of another experiment, a log.csv without one), or could not save its own."""
     if out.exists() and not out.is_dir():
         sys.exit(f"error: the run folder {out} is a file: choose another --out")
-    if not resume and any((out / name).exists() for name in ("last.pt", "best.pt", "summary.json")):
+    if not resume and holds_results(out):
         sys.exit(f"error: run folder {out} holds results: pass --resume to continue it, or --out to start another")
+    if not resume and ((out / "config.json").exists() or (out / "log.csv").exists()):  # an attempt of this run's?
+        try:
+            record = cli.read_json(out / "config.json")
+            other = [key for key in record if key not in (*RESUME_MAY_CHANGE, *DERIVED) and key in config
+                     and record[key] != config[key]]
+        except ValueError as error:
+            other = [str(error)]
+        if other:
+            sys.exit(f"error: {out} holds the records of another run ({', '.join(other[:4])} differ), no results: "
+                     f"choose another --out, or move config.json and log.csv away to start this run there")
     folder = next(path for path in (out, *out.parents) if path.exists())  # a new folder: its parent must take it
     try:
         tempfile.TemporaryFile(dir=folder).close()
@@ -124,28 +140,27 @@ def check_folder(out, resume):
                  f"nothing was written. Make it writable, or choose another --out")
 
 
-_stops = {"deferred": False, "pending": None, "handled": False}
+_stops = {"deferred": False, "pending": None, "handled": False, "received": set()}
 
 
 def stop(signum, frame=None):  # the job's handler of Ctrl-C and SIGTERM (promise 5): one stop, repeats ignored
+    _stops["received"].add(signal.Signals(signum).name)  # a SIGTERM arriving with a Ctrl-C is reported as the stop
     if _stops["deferred"]:
         _stops["pending"] = _stops["pending"] or signum
     elif not _stops["handled"]:
         _stops["handled"] = True
-        for name in STOP_SIGNALS:  # ignored by the system too, or the interpreter's exit would restore the default
-            signal.signal(getattr(signal, name), signal.SIG_IGN)
         raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
 @contextlib.contextmanager
 def stops_explained(argv):
     """A stop in the block (a job) exits 128 + the signal, saying what `job`'s folders hold and how to go on."""
-    _stops.update(deferred=False, pending=None, handled=False)
+    _stops.update(deferred=False, pending=None, handled=False, received=set())
     job, previous = {}, {name: signal.signal(getattr(signal, name), stop) for name in STOP_SIGNALS}
     try:
         yield job
     except KeyboardInterrupt as interruption:
-        name = interruption.args[0] if interruption.args else "SIGINT"
+        name = "SIGTERM" if "SIGTERM" in _stops["received"] else interruption.args[0] if interruption.args else "SIGINT"
         out, teacher_folder, epochs = job.get("out"), job.get("teacher_folder"), {}
         for folder in (teacher_folder, out):
             with contextlib.suppress(Exception):  # a missing or damaged last.pt: no epoch to resume from
@@ -164,17 +179,18 @@ def stops_explained(argv):
             print(f"{how}: no epoch of {out or 'the run'} completed, so nothing can resume; start again with\n"
                   f"  {again}", file=sys.stderr)
         raise SystemExit(STOP_SIGNALS[name]) from None
-    finally:
-        for name, handler in previous.items() if not _stops["handled"] else ():  # a stop's repeats stay ignored
-            signal.signal(getattr(signal, name), handler)
+    finally:  # after a stop, ignored by the system too, or the interpreter's exit would restore the default action;
+        # not in stop(): a signal pending then would find no handler (CPython's "Signal 15 ignored due to race condition")
+        for name, handler in previous.items():
+            signal.signal(getattr(signal, name), signal.SIG_IGN if _stops["handled"] else handler)
 
 
 @contextlib.contextmanager
-def claimed(out, resume):  # out/.lock, held for the block (promise 2)
+def claimed(out, resume, config):  # out/.lock, held for the block (promise 2)
     out.mkdir(parents=True, exist_ok=True)
     if fcntl is None:
         print(f"warning: no file locks on this platform: nothing stops a second run from writing into {out}")
-        yield check_folder(out, resume)
+        yield check_folder(out, resume, config)
         return
     lock = None  # never through a link, never truncated: the file may be another run's lock, or a link planted here
     with contextlib.suppress(OSError):
@@ -188,6 +204,8 @@ def claimed(out, resume):  # out/.lock, held for the block (promise 2)
         except BlockingIOError:
             sys.exit(f"error: {out} is in use by {lock.read().strip() or 'another process'}: one run folder takes "
                      f"one process at a time. Wait for it to finish (or stop it), or choose another --out")
+        _held[out] = os.fstat(lock.fileno())
+        check_held(out, "having written nothing")  # removed or replaced between the open and the flock
         if lock.read().strip():
             print(f"note: {out} was locked by a run that ended without releasing it (killed?); taking it over")
         with writing(out, "the lock's holder"):
@@ -196,10 +214,43 @@ def claimed(out, resume):  # out/.lock, held for the block (promise 2)
             print(f"process {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}",
                   end="", file=lock, flush=True)
         try:
-            yield check_folder(out, resume)  # again: another process may have written here while this one loaded
+            yield check_folder(out, resume, config)  # again: another process may have written here while this loaded
         finally:
             lock.truncate(0)  # an empty lock file: the run ended cleanly
             fcntl.flock(lock, fcntl.LOCK_UN)
+            _held.pop(out, None)
+
+
+_held = {}  # run folder -> os.stat_result of the .lock this process holds there
+WAIT_S = 5  # seconds between looks at a busy run folder
+
+
+def wait_while_held(out, why):
+    """Return once no process holds out/.lock (at once if none does), having said once who holds it and `why`."""
+    said = False
+    while fcntl is not None and (out / ".lock").is_file():
+        with open(out / ".lock") as lock:
+            try:  # shared, for an instant: only a running run's exclusive lock makes this fail
+                fcntl.flock(lock, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                if not said:
+                    print(f"waiting for the run in {out} ({lock.read().strip() or 'another process'}) to finish: {why}",
+                          flush=True)
+                said = True
+        time.sleep(WAIT_S)
+
+
+def check_held(out, what):
+    """Stop unless out/.lock is still the file this process locked: a lock removed by hand lets a second run in."""
+    try:
+        now = os.stat(out / ".lock", follow_symlinks=False)
+    except OSError:
+        now = None
+    held = _held.get(out)
+    if held is not None and (now is None or (now.st_dev, now.st_ino) != (held.st_dev, held.st_ino)):
+        sys.exit(f"error: {out / '.lock'} was removed or replaced while this process held it, so another run may be "
+                 f"writing into {out}: this run stops, {what}. {what_is_intact(out)}")
 
 
 @contextlib.contextmanager
@@ -338,13 +389,20 @@ def writing(out, what):
     try:
         yield
     except (OSError, ValueError, RuntimeError) as error:  # RuntimeError: torch.save's own on a full disk
-        free = shutil.disk_usage(out).free / 2 ** 20
-        sys.exit(f"error: could not save {what} in {out} ({getattr(error, 'strerror', None) or error}; {free:.1f} MB "
-                 f"free on its disk). {what_is_intact(out)}. Free some space (or make the folder writable) and "
-                 f"continue with: python train.py --resume {shlex.quote(str(out))}")
+        why = getattr(error, "strerror", None) or error
+        if not out.is_dir():
+            sys.exit(f"error: could not save {what}: the run folder {out} was removed while the run wrote into it "
+                     f"({why}). Start the run again")
+        saved = (out / "last.pt").exists() or (out / "best.pt").exists()
+        way_on = f"continue with: python train.py --resume {shlex.quote(str(out))}" if saved else \
+            "run the same command again (no epoch was saved, so it starts afresh)"
+        sys.exit(f"error: could not save {what} in {out} ({why}; {shutil.disk_usage(out).free / 2 ** 20:.1f} MB "
+                 f"free on its disk). {what_is_intact(out)}. Free some space (or make the folder writable), then "
+                 f"{way_on}")
 
 
 def save_epoch(out, row, checkpoint, is_best):  # in promise 4's order
+    check_held(out, f"epoch {row['epoch']} unsaved")
     with writing(out, f"epoch {row['epoch']}"):
         write_log(out, [*(logged_rows(out) or []), row])
         if is_best:
@@ -383,6 +441,8 @@ def start(out, config, resume, student, distill, optimizer, loader, scaler):
         print(f"note: {out / 'log.csv'} is {'empty' if (out / 'log.csv').exists() else 'missing'}: the resumed log "
               f"starts at epoch {start_epoch}")
     with writing(out, "the resumed run's log and configuration"):
+        if start_epoch <= config["epochs"]:  # extended: unfinished until its new last epoch
+            (out / "summary.json").unlink(missing_ok=True)
         write_log(out, [row for row in rows or [] if row["epoch"] < start_epoch])  # rows after the checkpoint go
         save_atomically(json.dumps(config, indent=2), out / "config.json")
     print(f"resuming {out} at epoch {start_epoch}" if start_epoch <= config["epochs"] else
@@ -390,11 +450,23 @@ def start(out, config, resume, student, distill, optimizer, loader, scaler):
     return start_epoch, last["best"], last["wall_time_s"], last
 
 
+def finished(out):
+    """summary.json where it tells the truth, the run finished: its last epoch is last.pt's and the recorded end."""
+    try:
+        summary, last = cli.read_json(out / "summary.json", ("last_epoch",)), models.read_checkpoint(out / "last.pt")
+        if summary["last_epoch"] == last["epoch"] == last["config"]["epochs"]:
+            return summary
+    except Exception:  # missing, damaged or older records: not known to be finished
+        pass
+    return None
+
+
 def finish(out, config, last, best, teacher_accuracy):
     """summary.json, and the closing line with both accuracies the field reports (last and best epoch)."""
     summary = {"student": config["student"], "teacher": config["teacher"], "method": config["method"],
                "last_accuracy": last["accuracy"], "last_epoch": last["epoch"], "best_accuracy": best["accuracy"],
                "best_epoch": best["epoch"], "teacher_accuracy": teacher_accuracy, "wall_time_s": last["wall_time_s"]}
+    check_held(out, "its summary.json unwritten")
     with writing(out, "summary.json"):
         save_atomically(json.dumps(summary, indent=2), out / "summary.json")
     print(f"done: {config['student']} test accuracy {last['accuracy']:.2f}% at the last epoch ({last['epoch']}), "

@@ -29,13 +29,25 @@ def training_config(config):
 
 
 def check_checkpoint(config):
-    """--teacher-ckpt checked before any data is downloaded or a folder made: a file that loads into --teacher."""
-    if config["teacher_ckpt"] and not config.get("teacher_sha256"):  # a resumed run's is checked by its hash
-        try:
-            models.load_weights(models.build_model(config["teacher"]), config["teacher_ckpt"])
-        except (ValueError, OSError) as error:
-            sys.exit(f"error: --teacher-ckpt: {error}" + ("; the published CRD teachers are linked in the README "
-                     "('Using the published teachers')" if isinstance(error, FileNotFoundError) else ""))
+    """--teacher-ckpt checked before any data is downloaded or a folder made: a file that loads into --teacher and,
+    where it is a train.py run's last.pt, a finished run's (one still training is waited for) of the same data."""
+    if not config["teacher_ckpt"] or config.get("teacher_sha256"):  # a resumed run's is checked by its hash
+        return
+    path = Path(config["teacher_ckpt"])
+    runs.wait_while_held(path.parent, f"--teacher-ckpt {path} is its checkpoint")
+    try:
+        checkpoint = models.load_weights(models.build_model(config["teacher"]), path)
+    except (ValueError, OSError) as error:
+        sys.exit(f"error: --teacher-ckpt: {error}" + ("; the published CRD teachers are linked in the README "
+                 "('Using the published teachers')" if isinstance(error, FileNotFoundError) else ""))
+    record = checkpoint.get("config") if isinstance(checkpoint.get("config"), dict) else {}  # none in the zoo's files
+    if record.get("epochs", checkpoint.get("epoch")) != checkpoint.get("epoch"):
+        sys.exit(f"error: --teacher-ckpt {path} is epoch {checkpoint['epoch']} of a {record['epochs']}-epoch run that "
+                 f"stopped: finish it first (python train.py --resume {path.parent}), or pass a finished teacher")
+    for key in ("dataset", "train_subset"):
+        if key in record and record[key] != config[key]:
+            print(f"note: the teacher in {path} was trained with {runs.flag(key)} {record[key]}; this run has "
+                  f"{config[key]}")
 
 
 def teacher_file(config, teacher_config, train):
@@ -50,14 +62,16 @@ def teacher_file(config, teacher_config, train):
     if config["teacher_ckpt"]:
         return config["teacher_ckpt"]
     folder = runs.default_folder(teacher_config)
+    runs.wait_while_held(folder, "it trains the teacher this job reuses")
     try:  # last.pt's record first, as --resume trusts it: a teacher of other data there is not this job's
         checkpoint = models.read_checkpoint(folder / "last.pt") if (folder / "last.pt").exists() else {}
         recorded = checkpoint.get("config") if isinstance(checkpoint, dict) else None
         recorded = recorded or (cli.read_json(folder / "config.json") if (folder / "config.json").exists() else {})
-        finished = (folder / "summary.json").exists()
-        trained = cli.read_json(folder / "summary.json", ("last_epoch",))["last_epoch"] if finished else 0
-        if not isinstance(trained, int):
-            raise ValueError(f"{folder / 'summary.json'}: last_epoch is {trained!r}, not a number of epochs")
+        if (folder / "summary.json").exists():  # its record of the end, which must be readable
+            trained = cli.read_json(folder / "summary.json", ("last_epoch",))["last_epoch"]
+            if not isinstance(trained, int):
+                raise ValueError(f"{folder / 'summary.json'}: last_epoch is {trained!r}, not a number of epochs")
+        finished = runs.finished(folder)  # and true: not left behind by a run since extended
     except (OSError, ValueError) as error:
         sys.exit(f"error: the teacher run this job would reuse is damaged: {error}. Move {folder} away to train a "
                  f"new teacher, or pass --teacher-ckpt")
@@ -65,8 +79,8 @@ def teacher_file(config, teacher_config, train):
         if recorded and recorded.get(key) != teacher_config.get(key) and (key != "data_md5" or recorded.get(key)):
             sys.exit(f"error: {folder} holds a teacher trained with {runs.flag(key)} {recorded.get(key)}, not this "
                      f"run's {teacher_config.get(key)}: {MOVE_AWAY}")
-    if finished and trained < config["epochs"]:
-        sys.exit(f"error: {folder} holds a teacher trained for {trained} epochs, fewer than this run's "
+    if finished and finished["last_epoch"] < config["epochs"]:
+        sys.exit(f"error: {folder} holds a teacher trained for {finished['last_epoch']} epochs, fewer than this run's "
                  f"{config['epochs']}: {MOVE_AWAY}")
     if not finished:
         if unfinished := (folder / "last.pt").exists():  # finished as started (this job's device and speed switches)
@@ -81,16 +95,6 @@ def teacher_file(config, teacher_config, train):
               f"{config['epochs']} epochs")
         train(teacher_config, folder, unfinished)
     return folder / "last.pt"
-
-
-def resumes(out, config, teacher_folder):
-    """Whether --resume continues `out`: not where the job stopped in its teacher run, before `out` had a checkpoint."""
-    if (out / "last.pt").exists() or not teacher_folder or out != runs.default_folder(config) or \
-            not (teacher_folder / "last.pt").exists() or (teacher_folder / "summary.json").exists():
-        return True
-    print(f"note: {out} has no checkpoint yet: the job resumes with its first part, the teacher run in "
-          f"{teacher_folder}")
-    return False
 
 
 def own_folder(config, teacher_config):

@@ -86,7 +86,7 @@ class DroppedConnection(io.BytesIO):
 def test_download_failure_says_what_failed_and_the_ways_out(kind, detail, tmp_path, monkeypatch):
     monkeypatch.setattr(data.urllib.request, "urlopen", failing_urlopen(kind))
     message = exit_message(["--student", "resnet8", "--data-dir", str(tmp_path / "d"), "--device", "cpu",
-                            "--out", str(tmp_path / "run")])
+                            "--epochs", "1", "--out", str(tmp_path / "run")])
     assert detail in message and data.ARCHIVE_URL in message
     assert "cifar-100-python/" in message and "--data-dir" in message and str(tmp_path / "d") in message
     assert not any((tmp_path / "d").glob("*.part"))  # no half-downloaded file left behind
@@ -98,7 +98,7 @@ def test_a_wrong_archive_in_the_data_folder_is_reported_and_left_alone(tmp_path,
     archive = tmp_path / "cifar-100-python.tar.gz"
     archive.write_bytes(b"someone's other file")
     message = exit_message(["--student", "resnet8", "--data-dir", str(tmp_path), "--device", "cpu",
-                            "--out", str(tmp_path / "run")])
+                            "--epochs", "1", "--out", str(tmp_path / "run")])
     assert "is not the CIFAR-100 archive" in message and "left untouched" in message and data.ARCHIVE_MD5 in message
     assert archive.read_bytes() == b"someone's other file"
 
@@ -157,7 +157,7 @@ def test_truncated_cifar_pickle_is_refused_by_name(cut, tmp_path):
 def test_bad_cifar_file_stops_train_py_and_odd_sizes_are_noted(tmp_path, capsys):
     write_batch(tmp_path, {b"data": pixels(20), b"fine_labels": [1] * 15})
     message = exit_message(["--student", "resnet8", "--data-dir", str(tmp_path), "--no-download", "--device", "cpu",
-                            "--out", str(tmp_path / "run")])
+                            "--epochs", "1", "--out", str(tmp_path / "run")])
     assert "20 images but 15 labels" in message and not (tmp_path / "run").exists()
     write_batch(tmp_path, {b"data": pixels(20), b"fine_labels": [1] * 20}, name="test")
     data.load_cifar100(tmp_path, train=False)
@@ -224,8 +224,10 @@ def test_resume_may_extend_the_run_and_change_speed_switches_but_not_undo_epochs
     assert summary["last_epoch"] == 2
     message = exit_message([*TINY, "--resume", "--out", str(run_copy), "--epochs", "1"])
     assert "has completed 2 epochs; --epochs 1 would end them" in message
-    train.main([*TINY, "--resume", "--out", str(run_copy)])
-    assert "has completed its 2 epochs: nothing to train" in capsys.readouterr().out
+    capsys.readouterr()
+    assert train.main([*TINY, "--resume", "--out", str(run_copy)])["last_epoch"] == 2
+    assert capsys.readouterr().out == f"done: {run_copy} finished its 2 epochs before; nothing to train (results: " \
+                                      f"{run_copy / 'summary.json'})\n"  # one line, and nothing loaded
 
 
 def test_relative_teacher_checkpoint_is_recorded_whole_and_resumes_from_anywhere(finished_run, tmp_path,
@@ -279,7 +281,8 @@ def test_non_finite_flags_are_refused(flags, capsys):
 
 
 @pytest.mark.parametrize("flags, says", [(["--lr", "0"], "argument --lr: must be more than 0 and at most 10, got 0"),
-                                         (["--kd-weight", "-1"], "argument --kd-weight: must be at least 0, got -1"),
+                                         (["--kd-weight", "-1"],
+                                          "argument --kd-weight: must be at least 0 and at most 1000, got -1"),
                                          (["--milestones", "0", "10"], "argument --milestones: must be at least 1"),
                                          (["--batch-size", "1"], "argument --batch-size: must be at least 2 (BatchNorm"),
                                          (["--seed", "99999999999999999999999"], "argument --seed: must be at least 0 "
@@ -364,22 +367,30 @@ def test_config_is_printed_readably(tmp_path, capsys):
     described = " ".join(out[:out.index("\nepoch ")].split())  # the configuration's lines, joined
     recorded = json.loads((tmp_path / "run" / "config.json").read_text())
     assert all(f"{key}={value}" in described for key, value in recorded.items() if key != "data_md5"), described
-    assert "epochs=1 milestones=[1, 1, 1]" in described and "lr=0.1" in described
+    assert "epochs=1 milestones=[1]" in described and "lr=0.1" in described
     assert max(map(len, out[:out.index("\nepoch ")].splitlines())) <= 120
 
 
 # --- a newcomer's first hour ----------------------------------------------------------------------------------------
 
-def test_on_a_cpu_the_long_job_is_said_first_in_days_with_what_to_run_instead(tmp_path, monkeypatch, capsys):
+def test_on_a_cpu_a_long_job_is_refused_first_with_its_estimate_and_what_to_run_instead(tmp_path, monkeypatch,
+                                                                                      capsys):
     monkeypatch.setattr(train, "step_seconds", lambda config: 2.0)  # this CPU's pace, as the timed steps found it
-    exit_message(["--teacher", "resnet32x4", "--student", "resnet8x4", "--data-dir", str(tmp_path / "none"),
-                  "--no-download", "--device", "cpu", "--out", str(tmp_path / "run")])
-    out = capsys.readouterr().out
+    job = ["--teacher", "resnet32x4", "--student", "resnet8x4", "--data-dir", str(tmp_path / "none"), "--no-download",
+           "--device", "cpu", "--out", str(tmp_path / "run")]
+    message = exit_message(job)
     # 240 epochs x 782 steps x 2 s = 4.3 days, twice (the teacher first), said before the data is even looked for
-    assert "warning: no CUDA device: on this CPU the job needs about 8.7 days (the teacher resnet32x4 (4.3 days), " \
-           "then resnet8x4 srd (4.3 days), 240 epochs each" in out
-    assert f"A CPU suits a short real-data experiment instead (the README's 'No GPU?'): {devices.CPU_EXPERIMENT}" in out
-    assert "data:" not in out  # nothing heavy came first
+    assert "error: no CUDA device: on this CPU the job needs about 8.7 days (the teacher resnet32x4 (4.3 days), " \
+           "then resnet8x4 srd (4.3 days), 240 epochs each" in message
+    assert f"A CPU suits a short real-data experiment instead (the README's 'No GPU?'): {devices.CPU_EXPERIMENT}; " \
+           f"to train this job here anyway, add --allow-slow" in message
+    assert "data:" not in capsys.readouterr().out and not (tmp_path / "run").exists()  # nothing heavy came first
+    assert "no CIFAR-100 at" in exit_message([*job, "--allow-slow"])  # it goes on, to the data
+    assert "warning: no CUDA device: on this CPU the job needs about 8.7 days" in capsys.readouterr().out
+    monkeypatch.setattr(train, "step_seconds", lambda config: 0.07)  # 240 x 782 x 0.07 s = 3.6 h: under 4 h
+    exit_message(job[2:])  # the student alone: said, not refused
+    assert "note: no CUDA device: on this CPU the job needs about 3.6 h (resnet8x4 alone (3.6 h)" in \
+        capsys.readouterr().out
     tiny = train.resolve_config(train.parse_args([*TINY, "--epochs", "2"]))  # 2 x 2,000 images
     devices.advise_cpu(tiny, None, lambda config: pytest.fail("timed"))
     assert capsys.readouterr().out == ""  # a tiny run is neither timed nor warned about

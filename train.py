@@ -8,7 +8,15 @@ frozen teacher of models.py, CE + 2.0 x losses.FeatureDistillation) -> backward 
 Krishnan & Isola, ICLR 2020), as in the paper. What a reader may skip: runs.py (the run folder), teachers.py (where
 the teacher comes from) and devices.py (what each device gets).
 """
+import os
+import signal
 import sys
+
+if __name__ == "__main__":  # a stop while torch loads (seconds): one line, no traceback; main() then takes over
+    for _stop in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(_stop, lambda signum, _: (print("stopped while starting: nothing was written", file=sys.stderr),
+                                                 os._exit(128 + signum)))
+import argparse
 import textwrap
 import time
 from pathlib import Path
@@ -25,12 +33,12 @@ import runs
 import teachers
 
 WARMUP_STEPS = 2  # per batch size: a compiled step compiles at its first call, a CUDA graph records at its second
+NOT_RECORDED = ("resume", "out", "given", "device_lines", "from_record", "allow_slow")  # this command's, not the run's
 
 
 # ---- the recipe and its flags ----------------------------------------------------------------------------------
 
-def parse_args(argv=None):
-    argv = sys.argv[1:] if argv is None else list(argv)
+def make_parser():
     positive, non_negative, count = cli.number(minimum=0, above=True), cli.number(minimum=0), cli.number(int, 1)
     p = cli.Parser(prog="python train.py", description=__doc__.split("\n")[0])
     p.add_argument("--student", choices=models.MODEL_NAMES, metavar="NAME", help="model to train (required, but "
@@ -39,10 +47,11 @@ def parse_args(argv=None):
     p.add_argument("--teacher-ckpt", help="teacher weights (this project's or the published ckpt_epoch_240.pth)")
     p.add_argument("--method", choices=cli.METHODS, help="srd: the paper's loss (default with a teacher); kd: Hinton "
                    "KD; none: cross-entropy alone (default without a teacher)")
-    p.add_argument("--feat-weight", type=non_negative, help="weight of the feature distance D (srd)")
-    p.add_argument("--kd-weight", type=non_negative, help="weight of the KD term (default 0.9 for kd, 0 otherwise)")
-    p.add_argument("--ce-weight", type=non_negative, help="weight of cross-entropy (default 0.1 for kd, 1 otherwise)")
-    p.add_argument("--temperature", type=positive, help="KD temperature")
+    weight = cli.number(minimum=0, maximum=1000)  # beyond it, the loss's float32 overflows sooner or later
+    p.add_argument("--feat-weight", type=weight, help="weight of the feature distance D (srd)")
+    p.add_argument("--kd-weight", type=weight, help="weight of the KD term (default 0.9 for kd, 0 otherwise)")
+    p.add_argument("--ce-weight", type=weight, help="weight of cross-entropy (default 0.1 for kd, 1 otherwise)")
+    p.add_argument("--temperature", type=cli.number(minimum=0, above=True, maximum=100), help="KD temperature")
     p.add_argument("--projector", choices=losses.PROJECTORS, help="projector on the student feature")
     p.add_argument("--hidden-dim", type=cli.number(int, 1, maximum=2 ** 14), help="hidden width of the mlp projector")
     p.add_argument("--norm", choices=losses.NORMS, help="normalisation of both features")
@@ -61,14 +70,22 @@ def parse_args(argv=None):
     data.add_flags(p, count)  # --dataset, --train-subset, --data-dir, --no-download
     runs.add_flags(p)  # --out, --resume
     p.set_defaults(**cli.RECIPE)  # the paper's recipe, one home shared with report.py; --help shows each
-    devices.add_flags(p)  # --device, --precision and the other speed switches
+    devices.add_flags(p)  # --device, --precision, --allow-slow and the other speed switches
+    return p
+
+
+def parse_args(argv=None):
+    argv, p = sys.argv[1:] if argv is None else list(argv), make_parser()
     args = p.parse_args(argv)
     if args.student is None:  # --resume FOLDER: parse again, the folder's record of what it trains first
         folder = args.resume if isinstance(args.resume, str) else args.out
         if not args.resume or folder is None:
             p.error("--student is required (to resume, --resume FOLDER or the job's own command with --resume)")
-        return parse_args(runs.recorded_identity(Path(folder)) + argv)
-    args.given = runs.given_flags(p, argv, args)  # for --resume's comparison with the recorded configuration
+        args = parse_args(runs.recorded_identity(Path(folder)) + argv)
+        args.from_record = True  # the run's flags are its record's: nothing to start a run with
+        return args
+    args.given = runs.given_flags(p, argv, args) - {"allow_slow"}  # for --resume's comparison with the record
+    args.from_record = False
     args.method = args.method or ("srd" if args.teacher else "none")
     for wrong, message in (
             (args.teacher_ckpt and not args.teacher, "--teacher-ckpt needs --teacher NAME (the architecture to load)"),
@@ -91,17 +108,42 @@ def resolve_config(args):
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     devices.check(device)  # refused before anything is loaded; a CUDA device made the current one
     speed, args.device_lines = devices.choose(device, args)
-    config = {k: v for k, v in vars(args).items() if k not in ("resume", "out", "given", "device_lines")}
+    config = {k: v for k, v in vars(args).items() if k not in NOT_RECORDED}
     recipe = cli.recipe(args.method, args.student, args.epochs)  # for the flags not given (None)
     config.update({key: value for key, value in recipe.items() if config[key] is None})
     config.update(feat_weight=args.feat_weight if args.method == "srd" else 0.0, device=device, **speed,
                   teacher_ckpt=str(Path(args.teacher_ckpt).resolve()) if args.teacher_ckpt else None)  # from anywhere
+    if config["method"] == "srd" and config["projector"] == "none":  # refused now, not after a teacher part's training
+        dims = {name: models.build_model(name).feature_dim for name in (config["student"], config["teacher"])}
+        if len(set(dims.values())) > 1:
+            sys.exit(f"error: --projector none compares the features as they are, but their widths differ ("
+                     + ", ".join(f"{name} {dim}" for name, dim in dims.items()) + "): use --projector mlp or linear")
     return config
+
+
+def check_recorded(config, out):
+    """A resumed run's record within the flags' own bounds (an lr of 1e300 edited into last.pt would fail in SGD)."""
+    for action in make_parser()._actions:  # argparse has no public list of them
+        values = config.get(action.dest)
+        for value in (values if isinstance(values, list) else [values]) if action.type and values is not None else ():
+            try:
+                action.type(str(value))
+            except argparse.ArgumentTypeError as error:
+                sys.exit(f"error: cannot resume: {out}'s record holds {action.dest} {value!r}, out of "
+                         f"{action.option_strings[0]}'s range ({error}). Nothing was changed; restore its record "
+                         f"(config.json, last.pt), or start a new run")
 
 
 def lr_at(config, epoch):
     """Step schedule: x0.1 after each milestone (epochs count from 1: with 150, epoch 151 is the first at lr/10)."""
     return config["lr"] * 0.1 ** sum(epoch > m for m in config["milestones"])
+
+
+def schedule(config):
+    """The lr schedule in one line: "lr by epoch: 1-150 0.05, 151-180 0.005, 181-210 0.0005, 211-240 5e-05"."""
+    ends = sorted({0, config["epochs"], *(m for m in config["milestones"] if m < config["epochs"])})
+    return "lr by epoch: " + ", ".join(f"{first + 1}{f'-{last}' if last > first + 1 else ''} {lr_at(config, last):.4g}"
+                                       for first, last in zip(ends, ends[1:]))
 
 
 # ---- the networks: the frozen teacher, the student and its projector -------------------------------------------
@@ -234,12 +276,13 @@ def run(config, out, resume=False, datasets=None):
     """Train (or resume) one run into the folder `out`; returns its summary dict. datasets: ((train images, labels),
     (test images, labels)) instead of config's (tests pass small ones)."""
     out = Path(out)
-    runs.check_folder(out, resume)  # refuse before anything is loaded
+    runs.check_folder(out, resume, config)  # refuse before anything is loaded
     if resume:
         runs.read_checkpoint(out, config["student"])
     items = (f"{key}={value}".replace(" ", "\0") for key, value in config.items())  # wrapped between items only
     print(textwrap.fill(" ".join(items), 120, initial_indent=f"run in {out}: ", subsequent_indent="  ").replace(
         "\0", " "))  # all of it, as config.json
+    print(schedule(config))
     try:
         datasets = datasets or data.load_datasets(config["dataset"], config["data_dir"], not config["no_download"],
                                                   config["train_subset"])
@@ -251,7 +294,7 @@ def run(config, out, resume=False, datasets=None):
                  f"batch of one image, which BatchNorm cannot normalise: choose another --batch-size")
     # teachers.py: a resumed run's, --teacher-ckpt, or this project's own, trained first by a call back into run()
     teacher = teachers.load(config, datasets, train=lambda *part: run(*part, datasets)) if config["teacher"] else None
-    with runs.claimed(out, resume):  # the lock
+    with runs.claimed(out, resume, config):  # the lock
         return fit(config, out, resume, teacher, datasets)
 
 
@@ -322,16 +365,29 @@ def main(argv=None):
         config = resolve_config(args)
         out = Path(args.resume if isinstance(args.resume, str) else args.out or runs.default_folder(config))
         teacher_folder = teachers.own_folder(config, teachers.training_config(config))  # where the job trains it
+        if out == teacher_folder:
+            sys.exit(f"error: --out {out} is where this job trains its teacher {config['teacher']}: choose another")
         job.update(out=out, teacher_folder=teacher_folder)
-        resume = bool(args.resume) and teachers.resumes(out, config, teacher_folder)  # False: its teacher part resumes
+        teacher_unfinished = teacher_folder and not runs.finished(teacher_folder)
+        resume = bool(args.resume) and (runs.holds_results(out) or args.from_record)
+        if args.resume and not resume:  # the same line starts, resumes or says done (a requeued job, a list run twice)
+            print(f"note: nothing was saved in {out} yet: " + (f"the job resumes with its first part, the teacher run "
+                  f"in {teacher_folder}" if teacher_unfinished and (teacher_folder / "last.pt").exists() else "it starts"))
         if resume:
             config = runs.resumed_config(config, out, args.given, runs.read_checkpoint(out, None))
+            check_recorded(config, out)
+            summary = runs.finished(out)
+            if summary and summary["last_epoch"] == config["epochs"]:
+                runs.read_checkpoint(out, config["student"])  # its weights checked, as a resume checks them
+                print(f"done: {out} finished its {config['epochs']} epochs before; nothing to train (results: "
+                      f"{out / 'summary.json'})")
+                return summary
             args.device_lines = [devices.line(config) + " (as the run recorded)"]
         print("\n".join(args.device_lines))
         teachers.check_checkpoint(config)  # --teacher-ckpt: fail fast, before any data is downloaded or folder made
         if config["device"] == "cpu" and not resume:  # before any heavy work: how long, and what to run instead
-            unfinished = teacher_folder and not (teacher_folder / "summary.json").exists()
-            devices.advise_cpu(config, teachers.training_config(config) if unfinished else None, step_seconds)
+            devices.advise_cpu(config, teachers.training_config(config) if teacher_unfinished else None, step_seconds,
+                               args.allow_slow)
         return run(config, out, resume)
 
 
