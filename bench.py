@@ -107,6 +107,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    train.devices.check(args.device)  # a device this machine lacks: refused in one paragraph, as train.py does
     measurements = [(pipeline, method) for pipeline, method in itertools.product(args.pipelines, args.methods)
                     if not (pipeline == "cached" and method == "none")]  # no teacher, nothing to cache
     device = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "cpu"

@@ -12,6 +12,7 @@ import contextlib
 import csv
 import json
 import math
+import reprlib
 import statistics
 import sys
 import textwrap
@@ -48,9 +49,9 @@ epoch: the highest test accuracy over all epochs (what DKD and mdistiller report
 flatters). Setting: the flags where a row departs from the paper's recipe, whose arithmetic is float32 (--precision
 fp32). Wall time: mean per run."""
 FIGURE = """curves.png, a colour per row, means over its seeds per epoch: the test accuracy (with a min-max band) and
-each loss term used. spectrum.png, for rows whose runs have a projector (srd), the projector's spectrum from log.csv:
-how many singular values of each linear layer exceed 1% of its largest, and its effective rank exp(H(s / sum s)).
-accuracy.png: each row's accuracy at the last epoch, a dot per run, with its mean ± std."""
+each loss term used. spectrum.png, for rows whose runs have a projector (srd), from log.csv: each linear layer's
+effective rank exp(H(s / sum s)) and, where it varies, how many singular values exceed 1% of the largest. accuracy.png:
+each row's accuracy at the last epoch, a dot per run, with its mean ± std."""
 
 
 class BadRun(ValueError):
@@ -64,12 +65,12 @@ def recipe_defaults(config):
             "tf32": False, **cli.recipe(config["method"], config["student"], config["epochs"])}
 
 
-def number(value, where):
-    """A finite float from a JSON number or a CSV cell; anything else (text, NaN, None from a cut row) is bad."""
-    with contextlib.suppress(ValueError):  # text that is no number
-        if (isinstance(value, str) or type(value) in (int, float)) and math.isfinite(result := float(value)):
+def number(value, where, kinds=(str,), percent=False):
+    """A finite float (percent: in [0, 100]) from a type in kinds: str for CSV cells, int or float (no bool) in JSON."""
+    with contextlib.suppress(ValueError, OverflowError):  # text that is no number, a 400-digit integer
+        if type(value) in kinds and math.isfinite(result := float(value)) and (not percent or 0 <= result <= 100):
             return result
-    raise BadRun(f"{where} is not a number: {value!r}")
+    raise BadRun(f"{where} is not a {'percentage' if percent else 'number'}: {reprlib.repr(value)}")
 
 
 def read_log(path):
@@ -77,16 +78,14 @@ def read_log(path):
     projector's spectrum is optional (older logs, runs without one): an empty cell is NaN, an empty column absent."""
     try:
         with open(path, newline="") as f:
-            reader = csv.DictReader(f)
-            rows, header = list(reader), reader.fieldnames
+            rows, header = list(reader := csv.DictReader(f)), reader.fieldnames
     except (OSError, UnicodeDecodeError, csv.Error) as error:
         raise BadRun(f"{path}: unreadable ({error})")
     if header is None:  # train.py writes the header before the first epoch: an empty file lost what it held
         raise BadRun(f"{path}: empty (no header, no epoch)")
-    missing = {"epoch", "test_acc", *LOSS_STYLES} - set(header)
-    if missing:
+    if missing := {"epoch", "test_acc", *LOSS_STYLES} - set(header):
         raise BadRun(f"{path}: no column {', '.join(sorted(missing))}")
-    curves = {c: [number(row[c], f"{path}: {c} in row {i + 1}") for i, row in enumerate(rows)]
+    curves = {c: [number(row[c], f"{path}: {c} in row {i + 1}", percent=c == "test_acc") for i, row in enumerate(rows)]
               for c in ("epoch", "test_acc", *LOSS_STYLES)}
     if curves["epoch"] != list(range(1, len(rows) + 1)):
         raise BadRun(f"{path}: epochs are not 1, 2, 3, ...")
@@ -103,6 +102,9 @@ def find_runs(runs_dirs):
     for config_path in sorted(path for folder in runs_dirs for path in folder.rglob("config.json")):
         folder = config_path.parent
         try:
+            for path in (config_path, folder / "summary.json", folder / "log.csv"):
+                if path.exists() and not path.is_file():  # a FIFO would block the report, a device might never end
+                    raise BadRun(f"{path}: not a regular file")
             config = {"epochs": cli.EPOCHS, **cli.read_json(config_path, ("student", "method"))}
             if type(config["epochs"]) is not int or config["epochs"] < 1:  # the milestones' default is computed from it
                 raise BadRun(f"{config_path}: epochs is not a positive whole number: {config['epochs']!r}")
@@ -113,8 +115,8 @@ def find_runs(runs_dirs):
                 continue
             keys = ("last_accuracy", "best_accuracy", "last_epoch", "wall_time_s", "teacher_accuracy")
             summary = cli.read_json(folder / "summary.json", keys)
-            numbers = {key: number(summary[key], f"{folder / 'summary.json'}: {key}") for key in keys
-                       if summary[key] is not None or key != "teacher_accuracy"}  # None: a run without a teacher
+            numbers = {key: number(summary[key], f"{folder / 'summary.json'}: {key}", (int, float), "accuracy" in key)
+                       for key in keys if summary[key] is not None or key != "teacher_accuracy"}  # None: no teacher
             curves = read_log(folder / "log.csv")  # a missing one: unreadable
             if len(curves["epoch"]) != numbers["last_epoch"]:  # a log cut short, or one from another run
                 raise BadRun(f"{folder / 'log.csv'}: {len(curves['epoch'])} epochs, summary.json says "
@@ -126,18 +128,18 @@ def find_runs(runs_dirs):
 
 
 def experiment(config):
-    """The configuration less the keys that do not change the experiment: equal for runs that are seeds of a row.
-    Where the teacher's hash is known, its checkpoint's path does not matter (one file, two machines)."""
-    ignored = {*NOT_THE_EXPERIMENT, *(["teacher_ckpt"] if config.get(TEACHER_IDENTITY) else [])}
+    """The configuration less the keys that do not change the experiment (cli.inert's too): equal for runs that are
+    seeds of a row. Where the teacher's hash is known, its checkpoint's path does not matter (one file, two hosts)."""
+    ignored = {*NOT_THE_EXPERIMENT, *cli.inert(config), *(["teacher_ckpt"] if config.get(TEACHER_IDENTITY) else [])}
     return tuple(sorted((key, json.dumps(value)) for key, value in config.items() if key not in ignored))
 
 
 def flags(config):
-    """train.py's flags where this configuration departs from the recipe (a key unknown here always; the teacher's
-    path not where its sha256 is known, as in experiment()), in alphabetical order whatever config.json's order."""
-    defaults, shown = recipe_defaults(config), []
+    """train.py's flags where this configuration departs from the recipe (a key unknown here always; no inert one, nor
+    the teacher's path where its sha256 is known: as in experiment()), in alphabetical order whatever config.json's."""
+    defaults, shown, inert = recipe_defaults(config), [], cli.inert(config)
     for key, value in sorted(config.items()):
-        if (key in NOT_THE_EXPERIMENT or key in COLUMNS_OF_THE_TABLE or key == TEACHER_IDENTITY
+        if (key in NOT_THE_EXPERIMENT or key in COLUMNS_OF_THE_TABLE or key == TEACHER_IDENTITY or key in inert
                 or key in defaults and defaults[key] == value or key == "teacher_ckpt" and TEACHER_IDENTITY in config):
             continue
         flag = key.replace("_", "-")
@@ -172,9 +174,8 @@ def summarise(runs):
         row[f"{which}_acc_mean"] = statistics.mean(accuracies)
         row[f"{which}_acc_std"] = statistics.stdev(accuracies) if len(runs) > 1 else None  # stdev: ddof=1
     teacher_accuracies = [r["teacher_accuracy"] for r in runs if "teacher_accuracy" in r]
-    row["teacher_acc"] = statistics.mean(teacher_accuracies) if teacher_accuracies else None
-    row["wall_time_s"] = statistics.mean(r["wall_time_s"] for r in runs)
-    return row
+    return {**row, "teacher_acc": statistics.mean(teacher_accuracies) if teacher_accuracies else None,
+            "wall_time_s": statistics.mean(r["wall_time_s"] for r in runs)}
 
 
 def markdown(rows, notes, paragraphs):
@@ -243,12 +244,15 @@ def plot_rows(groups, rows, path):
 
 def plot(groups, path, spectrum_path):
     """FIGURE: the curves into path, the spectrum (where a group has one) into spectrum_path. Returns the (closed)
-    figures, the second None without a spectrum: axes [accuracy, loss] and [count, effective rank], each line
-    labelled "<group>: <column>" (accuracy: "<group> (n=<runs>)")."""
+    figures, the second None without a spectrum: axes [accuracy, loss] and [count where it varies (a flat one tells no
+    group apart), effective rank], each line labelled "<group>: <column>" (accuracy: "<group> (n=<runs>)")."""
     curves = [mean_curves(runs) for runs in groups]
     spectrum = any(column in series for series in curves for column in SPECTRUM_COLUMNS)
+    counts = [v for series in curves for c in series if c.endswith("sv_over_1pct") for v in series[c]]
+    panels = [what for what in SPECTRUM_PANELS if spectrum and (what != "sv_over_1pct" or np.nanstd(counts) > 0)]
     figure, (accuracy_axes, loss_axes) = plt.subplots(1, 2, figsize=(12, 4.5))
-    spectrum_figure, spectrum_axes = plt.subplots(1, 2, figsize=(12, 4.5)) if spectrum else (None, [])
+    spectrum_figure, (spectrum_axes,) = (plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
+                                         if spectrum else (None, [[]]))
     labels, common = labels_of(groups)
     for i, (runs, series) in enumerate(zip(groups, curves)):
         x = series["epoch"]
@@ -257,15 +261,15 @@ def plot(groups, path, spectrum_path):
         accuracy_axes.fill_between(x, series["test_acc_min"], series["test_acc_max"], color=style["color"], alpha=0.2)
         lines = [(loss_axes, column, LOSS_STYLES[column]) for column in LOSS_STYLES
                  if series[column].any()]  # a term the method does not use is logged as zeros
-        lines += [(panel, f"{layer}_{what}", LAYER_STYLES[layer]) for panel, what in zip(spectrum_axes, SPECTRUM_PANELS)
+        lines += [(panel, f"{layer}_{what}", LAYER_STYLES[layer]) for panel, what in zip(spectrum_axes, panels)
                   for layer in LAYER_STYLES if f"{layer}_{what}" in series]
         for panel, column, linestyle in lines:
             panel.plot(x, series[column], linestyle=linestyle, label=f"{labels[i]}: {column}", **style)
     accuracy_axes.set(xlabel="epoch", ylabel="test accuracy (%)", title="test accuracy: mean, band min-max over seeds")
     loss_axes.set(xlabel="epoch", ylabel="mean training loss term", title="loss terms (colours as on the left)")
     style_legend(loss_axes, {column.removeprefix("loss_"): style for column, style in LOSS_STYLES.items()})
-    for panel, (what, title) in zip(spectrum_axes, SPECTRUM_PANELS.items()):
-        panel.set(xlabel="epoch", ylabel=what, title=f"projector: {title}, mean over seeds")
+    for panel, what in zip(spectrum_axes, panels):
+        panel.set(xlabel="epoch", ylabel=what, title=f"projector: {SPECTRUM_PANELS[what]}, mean over seeds")
         style_legend(panel, {f"linear layer {layer[-1]}": style for layer, style in LAYER_STYLES.items()})
     shared = "\n" + textwrap.fill("all groups: " + " ".join(common), 130) if common else ""
     for fig, file, what in ((figure, path, "Test accuracy and training loss"),
@@ -311,8 +315,7 @@ def main(argv=None):
         out.mkdir(parents=True, exist_ok=True)
         paths[0].write_text(table)
         with open(paths[1], "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
-            writer.writeheader()
+            (writer := csv.DictWriter(f, fieldnames=CSV_FIELDS)).writeheader()
             writer.writerows(rows)  # full precision; an empty cell where there is no value (None)
         if not args.no_plot:
             plot(groups, paths[2], paths[3])

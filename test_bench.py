@@ -1,14 +1,21 @@
-"""The speed path changes no mathematics: the optimised training step against the plain one, and bench.py runs."""
+"""The speed path changes no mathematics: the optimised training step against the plain one, and bench.py runs.
+Also here, for want of room in test_report.py: cli.inert against the loss and in report.py's rows, and report.py on
+files that hung or crashed it."""
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 import torch._dynamo.testing
 
 import bench
+import cli
 import data
 import devices
 import train
+from test_report import call_report, cpu_config, edit_json, folders_of, read_rows, write_run
 
 
 def two_steps(optimised, method="srd"):
@@ -184,6 +191,85 @@ def test_bench_bad_arguments_fail_fast(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
         bench.parse_args(["--device", "cpu", *argv])
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_bench_refuses_a_cuda_device_this_machine_lacks_in_one_paragraph(monkeypatch, capsys):
+    """It was a traceback (torch.cuda.get_device_name); train.py's refusal, devices.check, now says why."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["--device", "cuda", "--steps", "1"])
+    assert exit_info.value.code.startswith("error: --device cuda, but torch") and "\n" not in exit_info.value.code
+    assert capsys.readouterr().out == ""  # refused before anything runs
+
+
+def batch_terms(config):
+    """The loss terms (ce, feat, kd, total) of train.make_loss_fn on one batch of resnet8 -> resnet8 (or alone)."""
+    torch.manual_seed(0)
+    teacher = train.build_on_device("resnet8", config).eval().requires_grad_(False) if config["teacher"] else None
+    student, distill, _ = train.build_student(config, teacher)
+    x, y = next(iter(data.Loader(*data.fake_cifar100(16, seed=0), 16, False, "cpu")))
+    return train.make_loss_fn(student, teacher, distill, config)(x, y)[1]
+
+
+@pytest.mark.parametrize("argv", [
+    [], ["--teacher", "resnet8"], ["--teacher", "resnet8", "--projector", "linear"],
+    ["--teacher", "resnet8", "--projector", "none", "--distance", "mse"],
+    ["--teacher", "resnet8", "--distance", "corr"], ["--teacher", "resnet8", "--feat-weight", "0"],
+    ["--teacher", "resnet8", "--kd-weight", "0.5"], ["--teacher", "resnet8", "--method", "kd"],
+    ["--teacher", "resnet8", "--method", "kd", "--kd-weight", "0"]])
+def test_inert_names_the_settings_that_change_no_loss(argv, one_torch_thread):
+    """cli.inert against train.py itself: each setting it names, given otherwise on the command line, leaves a batch's
+    loss terms bit-identical; each other one changes them."""
+    config = cpu_config(*argv, "--no-compile")
+    terms, unchanged = batch_terms(config), set()
+    for key, values in {"feat_weight": ("1", "2"), "kd_weight": ("0.5", "0.9"), "temperature": ("2", "4"),
+                        "projector": ("linear", "mlp"), "hidden_dim": ("512", "1024"), "norm": ("gn", "bn"),
+                        "distance": ("pow", "logsum"), "alpha": ("2", "4")}.items():
+        value = next(value for value in values if value != str(config[key]).removesuffix(".0"))
+        if torch.equal(batch_terms(cpu_config(*argv, "--no-compile", f"--{key.replace('_', '-')}", value)), terms):
+            unchanged.add(key)
+    assert unchanged == cli.inert(config)
+
+
+def test_what_would_hang_or_crash_the_report_is_skipped_in_a_line(tmp_path):
+    """A FIFO hung the report (open() waits for a writer); a 400-digit integer was an OverflowError; 1e308 and text
+    were accuracies. Each run is skipped, its file and why in a line."""
+    spoilt = {"1e308": {"best_accuracy": 1e308}, "huge": {"last_epoch": 10 ** 400},
+              "text": {"last_accuracy": "19.6"}, "true": {"teacher_accuracy": True}}
+    for name, change in spoilt.items():
+        write_run(tmp_path / name, cpu_config(), 50.0)
+        edit_json(tmp_path / name / "summary.json", **change)
+    for file in ("config.json", "log.csv", "summary.json"):
+        write_run(tmp_path / f"fifo-{file}", cpu_config(), 50.0)
+        (tmp_path / f"fifo-{file}" / file).unlink()
+        os.mkfifo(tmp_path / f"fifo-{file}" / file)
+    write_run(tmp_path / "over", cpu_config(), 50.0, test_acc=101)
+    write_run(tmp_path / "good", cpu_config(), 50.0)
+    result = subprocess.run([sys.executable, "report.py", str(tmp_path), "--no-plot"], cwd=Path(__file__).parent,
+                            capture_output=True, text=True, timeout=60)  # a hang: TimeoutExpired
+    assert result.returncode == 0 and result.stderr.splitlines() == [f"skipped {tmp_path}/{line}" for line in (
+        "1e308/summary.json: best_accuracy is not a percentage: 1e+308", *(
+            f"fifo-{file}/{file}: not a regular file" for file in ("config.json", "log.csv", "summary.json")),
+        "huge/summary.json: last_epoch is not a number: 100000000000000000...0000000000000000000",
+        "over/log.csv: test_acc in row 1 is not a percentage: '101'",
+        "text/summary.json: last_accuracy is not a percentage: '19.6'",
+        "true/summary.json: teacher_accuracy is not a percentage: True")]
+
+
+def test_a_flag_without_effect_splits_no_row(tmp_path):
+    """--hidden-dim under --projector linear changes nothing (cli.inert): such runs share a row, with one recorded as
+    train.py records it (None); under mlp it is an experiment of its own. KD shows no projector flags."""
+    linear = cpu_config("--teacher", "resnet8", "--projector", "linear")
+    configs = {"a": linear, "b": dict(linear, seed=1, hidden_dim=512), "c": dict(linear, seed=2, hidden_dim=None),
+               "mlp": cpu_config("--teacher", "resnet8", "--hidden-dim", "512"),
+               "kd": cpu_config("--teacher", "resnet8", "--method", "kd", "--projector", "linear", "--alpha", "2")}
+    for i, (folder, config) in enumerate(configs.items()):
+        write_run(tmp_path / folder, config, 60.0 + i)
+    code, _, stderr = call_report(tmp_path, "--no-plot")
+    assert code == 0, stderr
+    assert {row["setting"]: folders_of(row, tmp_path) for row in read_rows(tmp_path / "report.csv")} == {
+        "--projector linear": {"a", "b", "c"}, "--hidden-dim 512": {"mlp"}, "": {"kd"}}
+
 
 
 def test_cuda_graph_fallback_is_counted_and_reported(tmp_path, monkeypatch, capsys):

@@ -29,10 +29,9 @@ MD, CSV, PNG = "report.md", "report.csv", "curves.png"
 
 
 def edit_json(path, **changes):
+    """path's JSON object with changes: each a value, or a function of the object as it was."""
     content = json.loads(path.read_text())
-    content.update(changes)
-    path.write_text(json.dumps(content))
-    return content
+    path.write_text(json.dumps({**content, **{k: v(content) if callable(v) else v for k, v in changes.items()}}))
 
 
 def call_report(*argv):
@@ -119,16 +118,14 @@ def clean(tmp_path_factory, one_torch_thread):
         del config[key]
     config.update(seed=2, device="cuda:0", data_dir="/elsewhere", compile=True, channels_last=True, fused_sgd=True)
     (root / "alone-old/seed2/config.json").write_text(json.dumps(config))
-    summary = json.loads((root / "alone-old/seed2/summary.json").read_text())
-    edit_json(root / "alone-old/seed2/summary.json", last_accuracy=summary["last_accuracy"] + 3.125,
-              best_accuracy=summary["best_accuracy"] + 4.6875)
-    summary = json.loads((root / "srd/seed1/summary.json").read_text())  # apart from seed 0's (two epochs can tie)
-    edit_json(root / "srd/seed1/summary.json", last_accuracy=summary["last_accuracy"] + 1.5625,
-              best_accuracy=summary["best_accuracy"] + 1.5625)
+    edit_json(root / "alone-old/seed2/summary.json", last_accuracy=lambda s: s["last_accuracy"] + 3.125,
+              best_accuracy=lambda s: s["best_accuracy"] + 4.6875)
+    edit_json(root / "srd/seed1/summary.json", last_accuracy=lambda s: s["last_accuracy"] + 0.5,  # apart from seed
+              best_accuracy=lambda s: s["best_accuracy"] + 0.5)  # 0's: 64 images score in steps of 1.5625, never 0.5
     edit_json(root / "alone/seed0/config.json", teacher_cache=True)  # a newer flag, bit-identical results
-    # last and best apart: one run whose best epoch was the first, 12.5 points above its last
-    summary = json.loads((root / "kd/seed1/summary.json").read_text())
-    edit_json(root / "kd/seed1/summary.json", best_epoch=1, best_accuracy=summary["last_accuracy"] + 12.5)
+    # last and best apart: one run whose best epoch was the first, 12.5 points above its last (moved off seed 0's)
+    edit_json(root / "kd/seed1/summary.json", best_epoch=1, last_accuracy=lambda s: s["last_accuracy"] + 0.5,
+              best_accuracy=lambda s: s["last_accuracy"] + 13.0)
     code, stdout, stderr = call_report(root)
     assert code == 0, stderr
     return root, stdout, stderr, teacher
@@ -367,14 +364,14 @@ def test_projector_spectrum_is_plotted_as_the_logs_means(clean, tmp_path):
     figure, groups = figure_of(tmp_path / "runs")
     assert (tmp_path / "runs/figure.png").stat().st_size > 10_000 and len(groups) == len(GROUPS)
     assert (tmp_path / "runs/spectrum.png").stat().st_size > 10_000
-    accuracy_axes, _, count_axes, rank_axes = figure.axes
-    # only srd has a projector: 2 linear layers (mlp), a line per layer in each spectrum panel, none for CE or KD
-    assert [line.get_label().split(": ")[1] for line in count_axes.lines] == [
-        "proj1_sv_over_1pct", "proj2_sv_over_1pct"]
+    accuracy_axes, _, rank_axes = figure.axes  # no count: 64 singular values above 1% in each layer and epoch
+    srd_folders = [tmp_path / "runs" / folder for folder in sorted(GROUPS["srd"])]
+    counts = {row[f"proj{i}_sv_over_1pct"] for f in srd_folders for row in read_rows(f / "log.csv") for i in (1, 2)}
+    assert counts == {"64"}
+    # only srd has a projector: 2 linear layers (mlp), a line per layer, none for CE or KD
     assert [line.get_label().split(": ")[1] for line in rank_axes.lines] == [
         "proj1_effective_rank", "proj2_effective_rank"]
-    srd_folders = [tmp_path / "runs" / folder for folder in sorted(GROUPS["srd"])]
-    for line in [*count_axes.lines, *rank_axes.lines]:
+    for line in rank_axes.lines:
         assert " srd" in line.get_label()
         assert line.get_ydata() == pytest.approx(spectrum_means(srd_folders, line.get_label().split(": ")[1]))
     ranks = [[float(row["proj1_effective_rank"]) for row in read_rows(f / "log.csv")] for f in srd_folders]
@@ -383,23 +380,27 @@ def test_projector_spectrum_is_plotted_as_the_logs_means(clean, tmp_path):
     assert srd_accuracy.get_ydata() == pytest.approx(spectrum_means(srd_folders, "test_acc"))
 
 
-def test_a_linear_projector_and_an_older_log_show_what_they_have(clean, tmp_path):
-    """A linear projector logs one layer (proj2_* empty); a log from before the spectrum columns has none."""
+def test_a_linear_projector_and_an_older_log_show_what_they_have(tmp_path):
+    """A linear projector logs one layer (proj2_* empty); a log from before the spectrum columns has none. A count of
+    singular values the same everywhere (64 in the ablations' figure) is not drawn: it told no group apart."""
     config = dict(cpu_config("--teacher", "resnet8", "--projector", "linear"), dataset="fake")
-    write_run(tmp_path / "linear", config, 50.0, epochs=3, proj2_sv_over_1pct="", proj2_effective_rank="",
-              proj1_sv_over_1pct=7, proj1_effective_rank=3.5)
-    shutil.copytree(clean[0] / "srd/seed0", tmp_path / "old", ignore=shutil.ignore_patterns("*.pt"))
-    log = read_rows(tmp_path / "old/log.csv")
+    for folder, norm, count, effective in (("linear", "bn", 7, 3.5), ("linear-gn", "gn", 6, 3.0)):
+        write_run(tmp_path / folder, dict(config, norm=norm), 50.0, epochs=3, proj2_sv_over_1pct="",
+                  proj2_effective_rank="", proj1_sv_over_1pct=count, proj1_effective_rank=effective)
     old_columns = runs.LOG_COLUMNS[:runs.LOG_COLUMNS.index("images_per_s") + 1]
-    (tmp_path / "old/log.csv").write_text("\n".join([",".join(old_columns), *(
-        ",".join(row[column] for column in old_columns) for row in log)]) + "\n")
+    write_run(tmp_path / "old", dict(config, projector="mlp"), 40.0, epochs=2, columns=old_columns)
     figure, groups = figure_of(tmp_path)
-    assert [len(group) for group in groups] == [1, 1]  # both read
+    assert [len(group) for group in groups] == [1, 1, 1]  # all read
     _, _, count_axes, rank_axes = figure.axes
     assert [(line.get_label(), list(line.get_ydata())) for line in count_axes.lines] == [
-        ("resnet8 -> resnet8 srd on fake --projector linear: proj1_sv_over_1pct", [7, 7, 7])]
+        ("resnet8 -> resnet8 srd on fake --projector linear: proj1_sv_over_1pct", [7, 7, 7]),
+        ("resnet8 -> resnet8 srd on fake --norm gn --projector linear: proj1_sv_over_1pct", [6, 6, 6])]
+    assert count_axes.get_title() == "projector: singular values above 1% of the largest, mean over seeds"
     assert [text.get_text() for text in count_axes.get_legend().get_texts()] == ["linear layer 1"]
-    assert [list(line.get_ydata()) for line in rank_axes.lines] == [[3.5, 3.5, 3.5]]
+    assert [list(line.get_ydata()) for line in rank_axes.lines] == [[3.5, 3.5, 3.5], [3.0, 3.0, 3.0]]
+    shutil.rmtree(tmp_path / "linear-gn")  # one count, 7 throughout: only the effective rank is drawn
+    _, _, rank = figure_of(tmp_path)[0].axes
+    assert [(rank.get_ylabel(), list(line.get_ydata())) for line in rank.lines] == [("effective_rank", [3.5] * 3)]
     assert set(report.SPECTRUM_COLUMNS) < set(runs.LOG_COLUMNS)  # the names train.py logs
 
 
