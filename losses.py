@@ -8,7 +8,6 @@ With z_s (B x d_s) the student's pooled features, z_t (B x d_t) the frozen teach
 normalisation, the residual is  r = N(P(z_s)) - N(z_t)  (B x d_t) and the paper's loss (eq. 6.12) is the LogSum
 
     D = log S,   S = sum_{b,j} |r_bj|^alpha        (one log per batch; alpha = 4 in the paper's code)
-
     dD/dr_i = alpha * sign(r_i) * |r_i|^(alpha-1) / S
 
 so each element's pull is weighted by |r_i|^(alpha-1) / S: the worst-matched elements of the batch dominate and, as
@@ -17,8 +16,9 @@ alpha * log c to D. Why the projector matters (eqs. 6.1-6.7): for D = 1/2 ||Z_s 
 
     dD/dW = C_s W - C_st,   C_s = Z_s^T Z_s,   C_st = Z_s^T Z_t
 
-so gradient descent moves W towards storing the student-teacher cross-correlation (W = C_st when C_s = I), and with
-weight decay W is a moving average of past batches' cross-correlations: relational information at no memory cost.
+so gradient descent moves W towards C_s^-1 C_st (the cross-correlation C_st when C_s = I). With C_s = I a step of size
+a is W <- (1 - a - eta) W + a C_st: a moving average of past batches' C_st, relational information at no memory cost,
+even with no weight decay; weight decay eta shortens its memory, ~1/(a+eta) steps, and shrinks it (theory.ipynb sec. 4).
 """
 import math
 

@@ -1,9 +1,9 @@
 """theory.ipynb runs top to bottom without a Jupyter kernel, and its saved outputs are not stale.
 
 The notebook's own asserts are the checks (each derivation against autograd and losses.py); this test only executes
-its code cells in order, in one namespace, as a script would. Its real-data cells (sections 5.1, 5.2, 7.1) look for
-CIFAR-100 in $CIFAR100_DATA_DIR when set, else in ./data, and print why they skip
-when there is none.
+its code cells in order, in one namespace, as a script would. Its real-data cells (sections 5.1, 5.2, 7.1, 8.2) look
+for CIFAR-100 in $CIFAR100_DATA_DIR when set, else in ./data, and print why they skip when there is none; 8.2 also
+needs the ablations' teacher, experiments/teacher-resnet20.pt.
 """
 import json
 import pathlib
@@ -32,7 +32,7 @@ def test_notebook_has_saved_outputs():
     assert all(cell["outputs"] for cell in cells), "every code cell should have a saved output"
     assert not any(output["output_type"] == "error" for cell in cells for output in cell["outputs"])
     figures = sum("image/png" in output.get("data", {}) for cell in cells for output in cell["outputs"])
-    assert figures >= 5, f"expected the saved figures of sections 5.2, 5.3, 6, 7.1 and 7.2, found {figures}"
+    assert figures >= 6, f"expected the saved figures of sections 5.2, 5.3, 6, 7.1, 7.2 and 8.1, found {figures}"
 
 
 def test_notebook_runs_top_to_bottom(monkeypatch):
@@ -49,3 +49,5 @@ def test_notebook_runs_top_to_bottom(monkeypatch):
                 plt.close("all")
     finally:
         torch.set_num_threads(threads)
+    # section 8.1's closed form met autograd for every alpha the ablations use, and for MSE
+    assert {key for key, n, sigma in namespace["deviations"]} == {1, 2, 3, 4, 5, "mse"}
