@@ -180,7 +180,7 @@ def stops_explained(argv):
                   f"  {again}", file=sys.stderr)
         raise SystemExit(STOP_SIGNALS[name]) from None
     finally:  # after a stop, ignored by the system too, or the interpreter's exit would restore the default action;
-        # not in stop(): a signal pending then would find no handler (CPython's "Signal 15 ignored due to race condition")
+        # not in stop(): a signal pending then would find no handler ("Signal 15 ignored due to race condition")
         for name, handler in previous.items():
             signal.signal(getattr(signal, name), signal.SIG_IGN if _stops["handled"] else handler)
 
@@ -243,6 +243,9 @@ def wait_while_held(out, why):
 
 def check_held(out, what):
     """Stop unless out/.lock is still the file this process locked: a lock removed by hand lets a second run in."""
+    if not out.is_dir():
+        sys.exit(f"error: the run folder {out} was removed while this run wrote into it: it stops, {what}. Start it "
+                 f"again")
     try:
         now = os.stat(out / ".lock", follow_symlinks=False)
     except OSError:
@@ -390,9 +393,7 @@ def writing(out, what):
         yield
     except (OSError, ValueError, RuntimeError) as error:  # RuntimeError: torch.save's own on a full disk
         why = getattr(error, "strerror", None) or error
-        if not out.is_dir():
-            sys.exit(f"error: could not save {what}: the run folder {out} was removed while the run wrote into it "
-                     f"({why}). Start the run again")
+        check_held(out, f"{what} unsaved ({why})")  # the folder, or the lock, removed under it
         saved = (out / "last.pt").exists() or (out / "best.pt").exists()
         way_on = f"continue with: python train.py --resume {shlex.quote(str(out))}" if saved else \
             "run the same command again (no epoch was saved, so it starts afresh)"

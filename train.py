@@ -113,6 +113,10 @@ def resolve_config(args):
     config.update({key: value for key, value in recipe.items() if config[key] is None})
     config.update(feat_weight=args.feat_weight if args.method == "srd" else 0.0, device=device, **speed,
                   teacher_ckpt=str(Path(args.teacher_ckpt).resolve()) if args.teacher_ckpt else None)  # from anywhere
+    if useless := sorted(cli.inert(config) & args.given):  # recorded, they would split one experiment's report rows
+        sys.exit(f"error: {', '.join(map(runs.flag, useless))} would change nothing in this run (--method "
+                 f"{config['method']}, --projector {config['projector']}, --distance {config['distance']}, --kd-weight "
+                 f"{config['kd_weight']}): drop {'it' if len(useless) == 1 else 'them'}")
     if config["method"] == "srd" and config["projector"] == "none":  # refused now, not after a teacher part's training
         dims = {name: models.build_model(name).feature_dim for name in (config["student"], config["teacher"])}
         if len(set(dims.values())) > 1:
@@ -371,8 +375,9 @@ def main(argv=None):
         teacher_unfinished = teacher_folder and not runs.finished(teacher_folder)
         resume = bool(args.resume) and (runs.holds_results(out) or args.from_record)
         if args.resume and not resume:  # the same line starts, resumes or says done (a requeued job, a list run twice)
+            first_part = teacher_unfinished and (teacher_folder / "last.pt").exists()
             print(f"note: nothing was saved in {out} yet: " + (f"the job resumes with its first part, the teacher run "
-                  f"in {teacher_folder}" if teacher_unfinished and (teacher_folder / "last.pt").exists() else "it starts"))
+                  f"in {teacher_folder}" if first_part else "it starts"))
         if resume:
             config = runs.resumed_config(config, out, args.given, runs.read_checkpoint(out, None))
             check_recorded(config, out)
