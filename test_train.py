@@ -451,21 +451,6 @@ def test_resume_follows_the_job_into_its_unfinished_teacher(tmp_path, monkeypatc
     assert json.loads(Path(student, "config.json").read_text())["method"] == "srd"
 
 
-def test_the_ablation_list_holds_the_teacher_then_11_rows_of_3_seeds():
-    """experiments/ablations.txt (issue 30's table): a full-data resnet20 teacher first, then resnet8 students on the
-    same 10,000-image subset and epochs, each row at seeds 0, 1, 2; every line a command train.py accepts."""
-    lines = (Path(__file__).parent / "experiments" / "ablations.txt").read_text().splitlines()
-    assert len(lines) == 34 and all(line.startswith("python train.py ") for line in lines)
-    teacher, *students = [train.parse_args(line.split()[2:]) for line in lines]
-    assert (teacher.student, teacher.method, teacher.train_subset) == ("resnet20", "none", None)
-    assert {(s.student, s.train_subset, s.epochs) for s in students} == {("resnet8", 10000, 6)}
-    rows = {(s.method, s.norm, s.alpha, s.distance) for s in students}
-    assert len(rows) == 11 and sorted(s.seed for s in students) == [0] * 11 + [1] * 11 + [2] * 11
-    assert {row for row in rows if row[0] == "srd"} == {("srd", n, 4.0, "logsum") for n in ("bn", "none", "l2", "gn")} \
-        | {("srd", "bn", a, "logsum") for a in (1.0, 2.0, 3.0, 5.0)} | {("srd", "bn", 4.0, "mse")}
-    assert {s.teacher_ckpt for s in students if s.teacher} == {f"{teacher.out}/last.pt"}
-
-
 class Terminal(io.StringIO):
     def isatty(self):
         return True
