@@ -4,10 +4,8 @@
     python bench.py --teacher resnet8 --student resnet8 --steps 3 --num-images 256 --workers 0   # CPU smoke run
 
 reference: PIL transforms in DataLoader workers, fp32, eager, a `.item()` per step (RepDistiller-style meters).
-project: train.train_step on data.Loader, train.py's defaults for the device. graphs (CUDA only): project with
---cuda-graphs. cached: project with --teacher-cache, the cache's fill timed apart. Each runs train.make_loss_fn's
-objective on synthetic images, its warm-up timed apart.
-"""
+project: train.train_step on data.Loader, train.py's defaults for the device. Each runs train.make_loss_fn's
+objective on synthetic images, its warm-up timed apart."""
 import itertools
 import os
 import time
@@ -18,11 +16,10 @@ from PIL import Image
 
 import cli
 import data
-import teachers
 import train
 
 PIPELINE_FLAGS = {"reference": ["--precision", "fp32", "--no-channels-last", "--no-compile", "--no-fused-sgd"],
-                  "project": [], "graphs": ["--cuda-graphs"], "cached": ["--teacher-cache"]}
+                  "project": []}
 # (on CUDA, on the CPU): CUDA's would take hours on a CPU; 2,000 images hold (3 + 20) x 64 in one DataLoader epoch
 SIZED = {"steps": (200, 20), "warmup": (30, 3), "num_images": (50_000, 2000)}
 
@@ -42,7 +39,7 @@ class PILImages(list):
 
 
 def time_pipeline(args, method, pipeline, images, labels):
-    """(seconds per timed step, seconds of the warm-up steps, seconds of the teacher cache's fill or 0)."""
+    """(seconds per timed step, seconds of the warm-up steps)."""
     argv = ["--student", args.student, "--method", method, "--device", args.device, "--batch-size",
             str(args.batch_size), *PIPELINE_FLAGS[pipeline], *(["--teacher", args.teacher] if method != "none" else [])]
     config = train.resolve_config(train.parse_args(argv))
@@ -51,28 +48,25 @@ def time_pipeline(args, method, pipeline, images, labels):
     student, distill, optimizer = train.build_student(config, teacher)
     loss_fn = train.make_loss_fn(student, teacher, distill, config)
     scaler = torch.amp.GradScaler(torch.device(args.device).type, enabled=config["precision"] == "fp16")
-    cache, reference = None, pipeline == "reference"
+    reference = pipeline == "reference"
     if reference:
         loader = torch.utils.data.DataLoader(PILImages(images, labels), args.batch_size, shuffle=True,
                                              num_workers=args.workers, pin_memory=args.device.startswith("cuda"),
                                              persistent_workers=args.workers > 0)
     else:  # as train.fit builds it
         loader = data.Loader(images, labels, config["batch_size"], True, config["device"], config["seed"],
-                             views=config["teacher_cache"], channels_last=config["channels_last"])
-        if config["teacher_cache"]:
-            cache = teachers.TeacherCache(lambda x: train.teacher_forward(teacher, x, config)[1], loader)
+                             channels_last=config["channels_last"])
     batches, seconds = itertools.chain.from_iterable(itertools.repeat(loader)), []
     for count in (args.warmup, args.steps):
         started = time.perf_counter()
         for _ in range(count):
-            x, y, *drawn = next(batches)
-            terms, correct, _ = train.train_step(loss_fn, optimizer, scaler, x.to(args.device), y.to(args.device),
-                                                 config, cache and cache.lookup(*drawn))
+            x, y = next(batches)
+            terms, correct, _ = train.train_step(loss_fn, optimizer, scaler, x.to(args.device), y.to(args.device))
             if reference:
                 terms[3].item(), correct.item()  # the reference loops' meters: a host sync every step
         train.devices.synchronize(args.device)
         seconds.append(time.perf_counter() - started)
-    return seconds[1] / args.steps, seconds[0], cache.fill_time_s if cache else 0.0
+    return seconds[1] / args.steps, seconds[0]
 
 
 def parse_args(argv=None):
@@ -81,8 +75,7 @@ def parse_args(argv=None):
                                 ("--student", "resnet8x4", "student: " + ", ".join(train.models.MODEL_NAMES))):
         p.add_argument(flag, default=default, choices=train.models.MODEL_NAMES, metavar="NAME", help=what)
     p.add_argument("--methods", nargs="+", choices=cli.METHODS, default=list(cli.METHODS), help="objectives")
-    p.add_argument("--pipelines", nargs="+", choices=PIPELINE_FLAGS, help="pipelines to time (default reference "
-                   "and project, and graphs on CUDA)")
+    p.add_argument("--pipelines", nargs="+", choices=PIPELINE_FLAGS, default=list(PIPELINE_FLAGS), help="to time")
     for flag, kind, what in (("--steps", cli.number(int, 1, maximum=100_000), "timed steps per measurement"),
                              ("--warmup", cli.number(int, 0, maximum=10_000), "untimed steps first"),
                              ("--num-images", cli.number(int, 2, maximum=100_000), "synthetic training images")):
@@ -98,35 +91,30 @@ def parse_args(argv=None):
     if args.num_images % args.batch_size == 1:
         p.error("--num-images leaves a last batch of one image, which BatchNorm cannot normalise")
     # reference first: its DataLoader forks workers before any compiler has started threads in this process
-    args.pipelines = sorted(args.pipelines or ["reference", "project", *(["graphs"] if on_cuda else [])],
-                            key=list(PIPELINE_FLAGS).index)
-    if "graphs" in args.pipelines and not on_cuda:
-        p.error("the graphs pipeline replays CUDA graphs: it needs --device cuda")
+    args.pipelines = sorted(args.pipelines, key=list(PIPELINE_FLAGS).index)
     return args
 
 
 def main(argv=None):
     args = parse_args(argv)
     train.devices.check(args.device)  # a device this machine lacks: refused in one paragraph, as train.py does
-    measurements = [(pipeline, method) for pipeline, method in itertools.product(args.pipelines, args.methods)
-                    if not (pipeline == "cached" and method == "none")]  # no teacher, nothing to cache
     device = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "cpu"
     print(f"{args.teacher} -> {args.student}, batch {args.batch_size}, {args.num_images:,} images, {args.workers} "
           f"workers (reference), {args.warmup} warm-up + {args.steps} timed steps, {device}, torch {torch.__version__}"
-          f"\nmethod pipeline     ms/step  images/s warm-up s    fill s", flush=True)
+          f"\nmethod pipeline     ms/step  images/s warm-up s", flush=True)
     torch.backends.cudnn.benchmark = True  # every pipeline, as RepDistiller and train.py set it
     images, labels = data.fake_cifar100(args.num_images)
     results, failed = {}, []
-    for pipeline, method in measurements:
+    for pipeline, method in itertools.product(args.pipelines, args.methods):
         try:
-            step_s, warmup_s, fill_s = time_pipeline(args, method, pipeline, images, labels)
+            step_s, warmup_s = time_pipeline(args, method, pipeline, images, labels)
         except Exception:  # one broken variant must not cost the other measurements
             traceback.print_exc()
             print(f"{method:6s} {pipeline:9s} FAILED (traceback on stderr)", flush=True)
             failed.append((method, pipeline))
             continue
         results[method, pipeline] = row = {"step_ms": 1e3 * step_s, "images_per_s": args.batch_size / step_s,
-                                           "warmup_s": warmup_s, "fill_s": fill_s}
+                                           "warmup_s": warmup_s}
         print(f"{method:6s} {pipeline:9s}" + "".join(f"{value:10.2f}" for value in row.values()), flush=True)
     return results, failed
 

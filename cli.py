@@ -1,9 +1,10 @@
 """The command line that train.py, bench.py and report.py share: a one-line error instead of argparse's usage block,
-every default in --help, number types that refuse nan, inf and out-of-range values by name, and the run folder's
-JSON records read with one message for each way they can be bad. No torch here: report.py runs without it."""
+every default in --help, number types that refuse nan, inf and out-of-range values by name, and a run's records read
+(recorded_config, as --resume trusts them), one message for each way they can be bad. No torch: report.py needs none."""
 import argparse
 import json
 import math
+import sys
 
 
 class HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -41,6 +42,28 @@ def number(kind=float, minimum=None, above=False, maximum=None, why=""):
     return parse
 
 
+def flag(key):
+    return "--" + key.replace("_", "-")
+
+
+def given_flags(parser, argv, args):
+    """The flags argv gives, for --resume's comparison (argparse fills in only what a namespace lacks)."""
+    unset = object()
+    given = parser.parse_args(argv, argparse.Namespace(**{key: unset for key in vars(args)}))
+    return {key for key, value in vars(given).items() if value is not unset}
+
+
+def out_of_range(parser, record):
+    """The first of record's values that its flag's type refuses ("lr 1e+300, out of --lr's range (...)"), or None."""
+    for action in parser._actions:  # argparse has no public list of them
+        values = record.get(action.dest)
+        for value in (values if isinstance(values, list) else [values]) if action.type and values is not None else ():
+            try:
+                action.type(str(value))
+            except argparse.ArgumentTypeError as error:
+                return f"{action.dest} {value!r}, out of {action.option_strings[0]}'s range ({error})"
+
+
 def read_json(path, required=()):
     """A JSON object from path, or ValueError saying why not (missing, unreadable, not an object, keys missing)."""
     try:
@@ -55,13 +78,20 @@ def read_json(path, required=()):
     return content
 
 
-# ---- the recipe (CRD's, as the paper trains): train.py applies it, report.py reads older runs by it ---------------
+# ---- the recipe (CRD's, as the paper trains) and a run's record: train.py writes them; report.py, --resume read them -
 
 RECIPE = {"feat_weight": 2.0, "temperature": 4.0, "projector": "mlp", "hidden_dim": 1024, "norm": "bn",
           "distance": "logsum", "alpha": 4.0, "batch_size": 64, "weight_decay": 5e-4}  # train.py's flag defaults
 EPOCHS = 240
 METHODS = ("srd", "kd", "none")  # the paper's loss, Hinton's KD, cross-entropy alone
 SMALL_LR = ("MobileNetV2", "ShuffleV1", "ShuffleV2")  # models CRD trains with lr 0.01
+# what a resumed run may change: its end (--epochs), where and how fast it runs (--device: checked apart)
+RESUME_MAY_CHANGE = ("epochs", "data_dir", "no_download", "device", "compile", "channels_last", "fused_sgd",
+                     "device_name", "capability")
+# what a config.json older than each key means by its absence (precision, tf32: every run then was CPU float32)
+LATER_KEYS = {"precision": "fp32", "tf32": False, "teacher_file": None, "teacher_sha256": None, "train_subset": None,
+              "device_name": None, "capability": None, "data_md5": None}
+REMOVED = ("cuda_graphs", "teacher_cache")  # opt-in flags of b3fc172, removed until a GPU measures a gain
 
 
 def recipe(method, model, epochs=None):
@@ -83,3 +113,29 @@ def inert(config):
                  "hidden_dim": feature and config["projector"] == "mlp", "kd_weight": config["method"] != "none",
                  "alpha": feature and config["distance"] in ("logsum", "pow")}  # corr's exponent is fixed at 4
     return {key for key, matters in effective.items() if not matters}
+
+
+def recorded_config(out, checkpoint, required):
+    """(the run's configuration, a note or ""): last.pt's record over config.json, else config.json with `required`."""
+    record = (checkpoint or {}).get("config")
+    record = record if isinstance(record, dict) else None
+    try:
+        saved, problem = read_json(out / "config.json", () if record else required), None
+    except ValueError as error:
+        saved, problem = None, str(error)
+    for source in (record or {}, saved or {}):  # a removed flag left off (every run's default) is dropped
+        if removed := [flag(key) for key in REMOVED if source.pop(key, False)]:
+            sys.exit(f"error: cannot resume {out}: this train.py no longer has {', '.join(removed)}; resume it with "
+                     f"the commit that ran it, b3fc172, or start a new run")
+    if record is None:
+        if problem:
+            last = f"{out / 'last.pt'} (an older train.py's) records no configuration" if checkpoint else \
+                f"there is no {out / 'last.pt'}: nothing to resume"
+            sys.exit(f"error: cannot resume: {problem}, and {last}. Nothing was changed; restore config.json")
+        return {**LATER_KEYS, **saved}, ""
+    if problem:
+        return record, f"note: {problem}: the configuration recorded in last.pt is used"
+    differing = sorted(key for key in set(saved) | set(record) if key not in (*LATER_KEYS, *RESUME_MAY_CHANGE)
+                       and saved.get(key) != record.get(key))
+    return record, (f"note: {out / 'config.json'} differs from the configuration last.pt was trained with "
+                    f"({', '.join(differing)}): last.pt's record is trusted and rewrites it" if differing else "")

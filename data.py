@@ -3,8 +3,7 @@
 The reference codebases push every 32x32 image through PIL transforms in DataLoader worker processes; on a modern
 GPU that pipeline, not the network, sets the pace. Here the 150 MB of uint8 pixels are copied to the device once and
 each epoch is augmented in a few batched tensor operations, with exactly the reference semantics:
-torchvision's RandomCrop(32, padding=4) (zero padding) and RandomHorizontalFlip(p=0.5), then Normalize.
-"""
+torchvision's RandomCrop(32, padding=4) (zero padding) and RandomHorizontalFlip(p=0.5), then Normalize."""
 import codecs
 import contextlib
 import hashlib
@@ -26,8 +25,6 @@ CIFAR100_STD = (0.2675, 0.2565, 0.2761)
 ARCHIVE_URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
 ARCHIVE_MD5 = "eb9058c3a382ffc7106e4002c42a8d85"
 PAD = 4  # RandomCrop(32, padding=4): a 40x40 zero-padded image, 9 x 9 crop positions
-SIDE = 2 * PAD + 1  # crop positions per axis
-NUM_VIEWS = 2 * SIDE * SIDE  # 162 distinct training views of an image: 9 x 9 crops, flipped or not
 AUGMENT_CHUNK = 4096  # images augmented per gather
 DATASETS = ("cifar100", "fake", "fake-full")
 FAKE_SIZES = {"fake": (2000, 500),  # train, test images: seconds per epoch on a CPU
@@ -222,34 +219,19 @@ def crop_and_flip(images, offsets, flips):
     return padded[n, channels[:, None, None], rows[:, None, :, None], cols[:, None, None, :]]  # N x 3 x 32 x 32
 
 
-def view_index(offsets, flips):
-    """Each sample's view k = 81 flip + 9 top + left, in 0..161, from its crop offsets (top, left) and flip bit."""
-    return flips.long() * SIDE * SIDE + offsets[:, 0] * SIDE + offsets[:, 1]
-
-
-def view_parameters(views):
-    """(offsets N x 2, flips N) of view indices: the inverse of view_index."""
-    return torch.stack([views % (SIDE * SIDE) // SIDE, views % SIDE], dim=1), views >= SIDE * SIDE
-
-
 class Loader:
     """One pass over `images` per `for` loop, as (x float32 normalised, y int64) batches on `device`.
 
     train=True: each epoch draws, from the loader's own generator (its state_dict: all a resume needs to replay the
     following epochs exactly), a fresh permutation, crop offsets uniform over {0..8}^2 and flip bits with p=0.5; the
     last partial batch is kept, as the reference DataLoaders do. train=False: the images in order, unaugmented.
+    channels_last=True: the images are kept in that memory format on the device, and so are the batches."""
 
-    views=True (train only): each batch also carries which image (its index in `images`) and which of its 162 views
-    (view_index) every sample is, for a lookup of precomputed teacher outputs. channels_last=True: the images are
-    kept in that memory format on the device, and so are the batches (crop_and_flip and normalise preserve it)."""
-
-    def __init__(self, images, labels, batch_size, train, device, seed=0, views=False, channels_last=False):
+    def __init__(self, images, labels, batch_size, train, device, seed=0, channels_last=False):
         memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.images = images.to(device, memory_format=memory_format)  # the only host-to-device copy, and conversion
         self.labels, self.num_samples = labels.to(device), len(labels)
-        self.batch_size, self.train, self.device, self.views = batch_size, train, torch.device(device), views
-        if views and not train:
-            raise ValueError("views=True describes the augmentation of a training loader; this one has none")
+        self.batch_size, self.train, self.device = batch_size, train, torch.device(device)
         self.mean, self.std = torch.tensor((CIFAR100_MEAN, CIFAR100_STD), device=device)[:, :, None, None]
         self.generator = torch.Generator(device=device).manual_seed(seed)
 
@@ -260,27 +242,21 @@ class Loader:
         if self.train:
             n, g = self.num_samples, self.generator
             order = torch.randperm(n, generator=g, device=self.device)
-            offsets = torch.randint(0, SIDE, (n, 2), generator=g, device=self.device)
+            offsets = torch.randint(0, 2 * PAD + 1, (n, 2), generator=g, device=self.device)
             flips = torch.randint(0, 2, (n,), generator=g, device=self.device).bool()
-        # augment whole batches a chunk at a time: one gather per chunk keeps the epoch's extra memory near 0.05 GB
-        # (the padded copy of 50,000 images alone would be 0.24 GB); the draws are the epoch's, so the batches are
-        # the same whatever the chunk size
+        # a chunk at a time: one gather per chunk keeps the epoch's extra memory near 0.05 GB (all 50,000 images
+        # padded: 0.24 GB); the draws are the epoch's, so the batches are the same whatever the chunk size
         chunk = self.batch_size * max(1, AUGMENT_CHUNK // self.batch_size)
         for chunk_start in range(0, self.num_samples, chunk):
             part = slice(chunk_start, chunk_start + chunk)
             if self.train:
                 ids = order[part]
                 images, labels = crop_and_flip(self.images[ids], offsets[part], flips[part]), self.labels[ids]
-                drawn = (ids, view_index(offsets[part], flips[part])) if self.views else ()
             else:
-                images, labels, drawn = self.images[part], self.labels[part], ()
+                images, labels = self.images[part], self.labels[part]
             for start in range(0, len(labels), self.batch_size):
-                batch = slice(start, start + self.batch_size)
-                yield self.normalise(images[batch]), labels[batch], *(t[batch] for t in drawn)
-
-    def normalise(self, images):
-        """uint8 pixels -> float32, standardised per channel; per batch, as a chunk in float32 is 4x its uint8."""
-        return (images.float() / 255 - self.mean) / self.std
+                batch = slice(start, start + self.batch_size)  # standardised per batch: in float32 a chunk is 4x
+                yield (images[batch].float() / 255 - self.mean) / self.std, labels[batch]
 
     def state_dict(self):
         return {"generator": self.generator.get_state()}

@@ -1,5 +1,5 @@
 """What each device gets: precision, compilation and the other speed switches, chosen from the hardware, and the
-checks and messages around them. A reader of the training loop may skip this file.
+checks and messages around them (a resumed run's device, the pace on a terminal). A reader of the loop may skip this.
 
     device (CUDA compute capability)            precision                   torch.compile   channels_last, fused SGD
     A100, H100, H200, RTX 30/40 (8.0 and up)    bf16 autocast               on              on
@@ -10,12 +10,12 @@ checks and messages around them. A reader of the training loop may skip this fil
 
 bf16 has tensor cores from 8.0 on (below, it is emulated); fp16 with loss scaling is the answer on 7.x; Triton needs
 7.0. fp32 is IEEE float32 (TF32, cuDNN's default on 8.0+, off and recorded: config "tf32"); the losses are float32
-always. A flag given always wins.
-"""
+always. A flag given always wins."""
 import argparse
 import contextlib
 import re
 import sys
+import time
 
 import torch
 
@@ -78,10 +78,6 @@ def add_flags(parser):
                        ("compile", "torch.compile of the step (default on CUDA of capability 7.0+)"),
                        ("fused-sgd", "the SGD update in one fused kernel, else foreach (default on CUDA)")):
         speed.add_argument("--" + name, action=argparse.BooleanOptionalAction, help=what)
-    speed.add_argument("--cuda-graphs", action="store_true", help="replay the compiled step as CUDA graphs "
-                       "(torch.compile mode reduce-overhead); off by default: whether it pays off is unmeasured")
-    speed.add_argument("--teacher-cache", action="store_true", help="run the teacher once on all 162 views of every "
-                       "training image, then look its outputs up (exact); off by default: its gain is unmeasured")
 
 
 def choose(device, args):
@@ -95,8 +91,6 @@ def choose(device, args):
         default = {"precision": "bf16" if capability >= NATIVE_BF16 else "fp16", "compile": capability >= TRITON,
                    "channels_last": True, "fused_sgd": True}
     chosen = {key: default[key] if getattr(args, key) is None else getattr(args, key) for key in default}
-    if args.cuda_graphs and not (capability and chosen["compile"]):
-        sys.exit("error: --cuda-graphs needs a CUDA device and --compile (it replays the compiled step)")
     # IEEE float32 wherever float32 runs: the paper's arithmetic for fp32, and the losses' under autocast
     chosen.update(device_name=name, capability=None if capability is None else "%d.%d" % capability, tf32=False)
     lines = [line(chosen)]
@@ -104,9 +98,20 @@ def choose(device, args):
         lines.append(f"warning: --precision bf16 on {name}, which has no native bf16 (compute capability below 8.0): "
                      f"torch emulates it, slowly; --precision fp16 (the default here) runs on its tensor cores")
     if not capability and chosen["precision"] == "fp16":
-        lines.append("warning: --precision fp16 on the CPU: torch emulates fp16 there, slower than fp32; it is for "
-                     "testing the fp16 path (the CPU's default is --precision fp32)")
+        lines.append("warning: --precision fp16 on the CPU: emulated, slower than --precision fp32 (a test of fp16)")
     return chosen, lines
+
+
+def resumed(config, recorded, out):
+    """A resumed run's config on this device, of the type it `recorded` (random streams differ between devices)."""
+    if torch.device(config["device"]).type != torch.device(recorded).type:
+        sys.exit(f"error: {out} ran on {recorded}; it can only resume there")
+    if recorded.startswith("cuda") and not torch.cuda.is_available():
+        sys.exit(f"error: {out} ran on {recorded}, and this machine has no CUDA device to resume it on")
+    check(config["device"])  # a recorded cuda:1 on a one-GPU machine: --device cuda:0 resumes it there
+    gpu = config["device"].startswith("cuda")
+    return dict(config, device_name=torch.cuda.get_device_name(config["device"]) if gpu else "cpu",
+                capability="%d.%d" % torch.cuda.get_device_capability(config["device"]) if gpu else None)
 
 
 def line(config):
@@ -134,15 +139,23 @@ def autocast(config):
     return torch.autocast(torch.device(config["device"]).type, dtype or torch.float32, enabled=dtype is not None)
 
 
-def free_memory(device):
-    """Bytes free on a CUDA device, or the CPU's available RAM (Linux's MemAvailable; None where not reported)."""
-    if str(device).startswith("cuda"):
-        return torch.cuda.mem_get_info(torch.device(device))[0]
+def shown(loader, stream=None):
+    """The loader's batches; on a terminal only (never into a log or CI), one line redrawn each second or so with the
+    step, the images per second and the epoch's time left, erased before the epoch's line or whatever ends it."""
+    stream = stream or sys.stderr  # sys.stderr as it is now (None where a daemon closed it)
+    tty, started, drawn, images = stream is not None and stream.isatty(), time.perf_counter(), 0.0, 0
     try:
-        with open("/proc/meminfo") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
-    except (OSError, StopIteration):  # not Linux: the caller says the size goes unchecked
-        return None
+        for step, batch in enumerate(loader, 1):
+            yield batch
+            images += len(batch[1])
+            if tty and time.perf_counter() - drawn > 1:
+                rate = images / max((drawn := time.perf_counter()) - started, 1e-6)  # on CUDA: the pace of launches
+                left = (loader.num_samples - images) / rate
+                print(f"\r\033[K  step {step}/{len(loader)}  {rate:.0f} img/s  {left:.0f}s left in this epoch", end="",
+                      file=stream, flush=True)  # \033[K: what a longer line before left is erased
+    finally:  # an exception or a stop too: its message starts on a clean line
+        if tty and drawn:
+            print("\r\033[K", end="", file=stream, flush=True)
 
 
 def duration(seconds):
@@ -170,12 +183,6 @@ def advise_cpu(config, teacher_config, step_seconds, allow_slow=False):
     print(f"{'warning' if long else 'note'}: {estimate}", flush=True)
 
 
-def cudagraph_skips():
-    """How many times inductor has fallen back from CUDA graphs in this process (it logs why only when asked)."""
-    from torch._dynamo.utils import counters  # no public API counts these yet
-    return counters["inductor"]["cudagraph_skips"]
-
-
 @contextlib.contextmanager
 def compile_failures_explained(config, resumed):
     """A torch.compile failure in the block (dynamo's, inductor's or Triton's, which the lazily compiled backward raises
@@ -188,5 +195,4 @@ def compile_failures_explained(config, resumed):
             raise
         first_lines = " | ".join(line.strip() for line in str(error).strip().splitlines()[:3] if line.strip())
         sys.exit(f"error: torch.compile failed on the training step ({type(error).__name__}: {first_lines[:500]}). "
-                 f"Run the same command with --no-compile{' --resume' if resumed else ''}: the same training, "
-                 f"uncompiled and slower. (It needs a working C++ compiler on the CPU, Triton on CUDA.)")
+                 f"Run the same command with --no-compile{' --resume' if resumed else ''}: the same training, slower")

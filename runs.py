@@ -1,27 +1,5 @@
 """A run's bookkeeping: its folder, its records and its refusals. A reader of the training loop may skip this file.
-
-A run folder (default_folder) holds config.json, log.csv (LOG_COLUMNS), last.pt (the published layout {"model",
-"epoch", "accuracy"} plus every state a resume needs and its configuration), best.pt, summary.json and .lock. The
-promises, each tested (test_failures.py, test_damage.py, test_train.py):
-1. One paragraph for every refusal (a bad flag, a damaged file, an unwritable folder, a full disk): what failed, what
-   is intact, the way out; no traceback. Flags are checked before anything loads, the folder before anything is
-   written; a start that fails before the claim leaves no folder. A new run overwrites no results.
-2. One process per folder: a flock on .lock (a plain file, opened without following a link or truncating), naming
-   its holder, released however the process dies (Windows has no flock: a warning says so).
-3. No half-written file, no write through a link: each file goes to a fresh .tmp created exclusively (a planted link
-   is never followed), fsynced, renamed over the old one, then the folder fsynced (as SQLite and PostgreSQL do), so
-   a kill or a power loss leaves the old version or the new; a failed write (a full disk, EFBIG) leaves no .tmp.
-4. An epoch is saved whole (its log row first, best.pt, last.pt, its line; a stop waits), once its losses and every
-   weight and buffer are finite.
-5. Ctrl-C and SIGTERM stop a job alike, at once, in either part or between them, repeats ignored: the message, read
-   from the folders, names the last complete epoch and the command that resumes, or, with nothing saved, the one
-   that starts again; exit status 128 + the signal (130, 143).
-6. --resume continues exactly (on the CPU bit for bit) with the configuration last.pt was trained with (config.json
-   for an older last.pt; a note says which was trusted), each value of the type train.py writes; a flag that would
-   change what it computes (not RESUME_MAY_CHANGE) is refused by name, and so are data whose md5 (of the images and
-   labels as loaded) differs from the recorded one. A teacher run is judged by the same record.
-"""
-import argparse
+What a run folder holds, and the six promises kept here ("promise N" below), each with its tests: docs/run-folder.md"""
 import contextlib
 import csv
 import hashlib
@@ -55,13 +33,6 @@ import models
 LOG_COLUMNS = ("epoch", "lr", "loss_ce", "loss_feat", "loss_kd", "loss_total", "train_acc", "test_acc",
                "epoch_time_s", "images_per_s", "warmup_s", "skipped_steps", "proj1_sv_over_1pct",
                "proj1_effective_rank", "proj2_sv_over_1pct", "proj2_effective_rank")
-# flags a resumed run may change: --epochs moves its end, the rest decide where and how fast it runs, not what it
-# computes (--device has its own check: random streams differ between devices)
-RESUME_MAY_CHANGE = ("epochs", "data_dir", "no_download", "device", "compile", "channels_last", "fused_sgd",
-                     "cuda_graphs", "teacher_cache", "device_name", "capability")
-# what a config.json older than each key means by its absence (precision, tf32: every run then was CPU float32)
-LATER_KEYS = {"precision": "fp32", "tf32": False, "cuda_graphs": False, "teacher_cache": False, "teacher_file": None,
-              "teacher_sha256": None, "train_subset": None, "device_name": None, "capability": None, "data_md5": None}
 CHECKPOINT_KEYS = ("model", "epoch", "accuracy", "projector", "optimizer", "loader", "rng_cpu", "best", "wall_time_s")
 CHOICES = {"student": models.MODEL_NAMES, "teacher": (None, *models.MODEL_NAMES), "method": cli.METHODS,
            "projector": losses.PROJECTORS, "norm": losses.NORMS, "distance": losses.DISTANCES,
@@ -69,10 +40,9 @@ CHOICES = {"student": models.MODEL_NAMES, "teacher": (None, *models.MODEL_NAMES)
 DERIVED = ("data_md5", "teacher_file", "teacher_sha256")  # recorded once the data and the teacher are loaded
 REPLACED = ("config.json", "log.csv", "last.pt", "best.pt", "summary.json", ".lock")
 STOP_SIGNALS = {"SIGINT": 130, "SIGTERM": 143}  # exit status: 128 + the signal's number, as shells report it
-
-
-def flag(key):
-    return "--" + key.replace("_", "-")
+WAIT_S = 5  # seconds between looks at a busy run folder
+_stops = {"deferred": False, "pending": None, "handled": False, "received": set()}  # the job's stop (promise 5)
+_held = {}  # run folder -> os.stat_result of the .lock this process holds there
 
 
 def add_flags(parser):
@@ -81,27 +51,18 @@ def add_flags(parser):
                         "last checkpoint: the run in FOLDER (or --out), else this command's job, wherever it stopped")
 
 
-def given_flags(parser, argv, args):
-    """The flags argv gives, for --resume's comparison (argparse fills in only what a namespace lacks)."""
-    unset = object()
-    given = parser.parse_args(argv, argparse.Namespace(**{key: unset for key in vars(args)}))
-    return {key for key, value in vars(given).items() if value is not unset}
-
-
 def recorded_identity(folder):
     """--student, --teacher and --method as the run in `folder` recorded them: --resume needs nothing else."""
     if not (folder / "last.pt").exists() and not (folder / "config.json").exists():
-        sys.exit(f"error: --resume: no run in {folder} (no last.pt, no config.json); to continue a job still training "
-                 f"its teacher, run the job's own command with --resume")
+        sys.exit(f"error: --resume: no run in {folder} (no last.pt, no config.json); or run the job's command --resume")
     checkpoint = read_checkpoint(folder, None) if (folder / "last.pt").exists() else None
-    record, _ = recorded_config(folder, checkpoint, ("student", "teacher", "method"))
+    record, _ = cli.recorded_config(folder, checkpoint, ("student", "teacher", "method"))
     return [str(value) for value in ("--student", record["student"], *(["--teacher", record["teacher"]] if
             record["teacher"] else []), "--method", record["method"])]  # str: argparse names a hand-edited number
 
 
 def default_folder(config):
-    """runs/<teacher>-<student>-<method>-seed<k> or runs/<student> alone, below runs/<dataset> for synthetic data and
-    runs/.../subset<N> for --train-subset: apart from CIFAR-100's full runs, and from teachers of other data."""
+    """runs/[<dataset>/][subset<N>/]<teacher>-<student>-<method>-seed<k>, or <student> alone: apart by their data."""
     root = Path("runs") / ("" if config["dataset"] == "cifar100" else config["dataset"])
     root = root / (f"subset{config['train_subset']}" if config.get("train_subset") else "")
     return root / (config["student"] if config["method"] == "none" else
@@ -113,8 +74,7 @@ def holds_results(out):
 
 
 def check_folder(out, resume, config):
-    """Refuse, before anything is loaded or written, a run that would overwrite results or another run's records (a
-    config.json of another experiment, a log.csv without one), or could not save its own."""
+    """Refuse, before anything is written, a run that would overwrite results or another run's records, or not save."""
     if out.exists() and not out.is_dir():
         sys.exit(f"error: the run folder {out} is a file: choose another --out")
     if not resume and holds_results(out):
@@ -122,13 +82,12 @@ def check_folder(out, resume, config):
     if not resume and ((out / "config.json").exists() or (out / "log.csv").exists()):  # an attempt of this run's?
         try:
             record = cli.read_json(out / "config.json")
-            other = [key for key in record if key not in (*RESUME_MAY_CHANGE, *DERIVED) and key in config
+            other = [key for key in record if key not in (*cli.RESUME_MAY_CHANGE, *DERIVED) and key in config
                      and record[key] != config[key]]
         except ValueError as error:
             other = [str(error)]
         if other:
-            sys.exit(f"error: {out} holds the records of another run ({', '.join(other[:4])} differ), no results: "
-                     f"choose another --out, or move config.json and log.csv away to start this run there")
+            sys.exit(f"error: {out} holds another run's records ({', '.join(other[:4])} differ): use another --out")
     folder = next(path for path in (out, *out.parents) if path.exists())  # a new folder: its parent must take it
     try:
         tempfile.TemporaryFile(dir=folder).close()
@@ -136,11 +95,7 @@ def check_folder(out, resume, config):
         if fixed:
             raise PermissionError(f"{', '.join(fixed)} cannot be replaced: read-only or immutable")
     except OSError as error:
-        sys.exit(f"error: cannot write in {folder} ({error}), so this run could not save its log and checkpoints; "
-                 f"nothing was written. Make it writable, or choose another --out")
-
-
-_stops = {"deferred": False, "pending": None, "handled": False, "received": set()}
+        sys.exit(f"error: cannot write in {folder} ({error}); nothing was written: fix that, or choose another --out")
 
 
 def stop(signum, frame=None):  # the job's handler of Ctrl-C and SIGTERM (promise 5): one stop, repeats ignored
@@ -196,14 +151,12 @@ def claimed(out, resume, config):  # out/.lock, held for the block (promise 2)
     with contextlib.suppress(OSError):
         lock = open(os.open(out / ".lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644), "r+")
     if lock is None or not stat.S_ISREG(os.fstat(lock.fileno()).st_mode) or os.fstat(lock.fileno()).st_nlink != 1:
-        sys.exit(f"error: cannot take {out / '.lock'} as the run's lock: it must be a plain file, not a link (hard or "
-                 f"symbolic), folder or pipe. Remove it, and run again")
+        sys.exit(f"error: cannot take {out / '.lock'} as the run's lock: not a plain file. Remove it, and run again")
     with lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            sys.exit(f"error: {out} is in use by {lock.read().strip() or 'another process'}: one run folder takes "
-                     f"one process at a time. Wait for it to finish (or stop it), or choose another --out")
+            sys.exit(f"error: {out} is in use by {lock.read().strip() or 'another run'}: wait, or use another --out")
         _held[out] = os.fstat(lock.fileno())
         check_held(out, "having written nothing")  # removed or replaced between the open and the flock
         if lock.read().strip():
@@ -219,10 +172,6 @@ def claimed(out, resume, config):  # out/.lock, held for the block (promise 2)
             lock.truncate(0)  # an empty lock file: the run ended cleanly
             fcntl.flock(lock, fcntl.LOCK_UN)
             _held.pop(out, None)
-
-
-_held = {}  # run folder -> os.stat_result of the .lock this process holds there
-WAIT_S = 5  # seconds between looks at a busy run folder
 
 
 def wait_while_held(out, why):
@@ -244,16 +193,13 @@ def wait_while_held(out, why):
 def check_held(out, what):
     """Stop unless out/.lock is still the file this process locked: a lock removed by hand lets a second run in."""
     if not out.is_dir():
-        sys.exit(f"error: the run folder {out} was removed while this run wrote into it: it stops, {what}. Start it "
-                 f"again")
-    try:
+        sys.exit(f"error: the run folder {out} was removed while this run wrote into it: it stops, {what}. Run again")
+    held, now = _held.get(out), None
+    with contextlib.suppress(OSError):
         now = os.stat(out / ".lock", follow_symlinks=False)
-    except OSError:
-        now = None
-    held = _held.get(out)
     if held is not None and (now is None or (now.st_dev, now.st_ino) != (held.st_dev, held.st_ino)):
-        sys.exit(f"error: {out / '.lock'} was removed or replaced while this process held it, so another run may be "
-                 f"writing into {out}: this run stops, {what}. {what_is_intact(out)}")
+        sys.exit(f"error: {out / '.lock'} was removed or replaced while this process held it (another run may write "
+                 f"here): this run stops, {what}. {what_is_intact(out)}")
 
 
 @contextlib.contextmanager
@@ -398,8 +344,7 @@ def writing(out, what):
         way_on = f"continue with: python train.py --resume {shlex.quote(str(out))}" if saved else \
             "run the same command again (no epoch was saved, so it starts afresh)"
         sys.exit(f"error: could not save {what} in {out} ({why}; {shutil.disk_usage(out).free / 2 ** 20:.1f} MB "
-                 f"free on its disk). {what_is_intact(out)}. Free some space (or make the folder writable), then "
-                 f"{way_on}")
+                 f"free on its disk). {what_is_intact(out)}. Free some space or make it writable, then {way_on}")
 
 
 def save_epoch(out, row, checkpoint, is_best):  # in promise 4's order
@@ -424,8 +369,7 @@ def start(out, config, resume, student, distill, optimizer, loader, scaler):
     try:
         rows = logged_rows(out)
     except ValueError as error:
-        sys.exit(f"error: cannot resume: {error}, and resuming rewrites it: its epochs would be lost. Nothing was "
-                 f"changed; put back a good copy, or move it away to resume with a new log")
+        sys.exit(f"error: cannot resume: {error}: its epochs would be lost. Nothing was changed: restore or move it")
     try:  # "scaler": older checkpoints ran without loss scaling
         for state, key in ((student, "model"), (distill, "projector"), (optimizer, "optimizer"), (scaler, "scaler"),
                            (loader, "loader")):
@@ -453,12 +397,10 @@ def start(out, config, resume, student, distill, optimizer, loader, scaler):
 
 def finished(out):
     """summary.json where it tells the truth, the run finished: its last epoch is last.pt's and the recorded end."""
-    try:
+    with contextlib.suppress(Exception):  # missing, damaged or older records: not known to be finished
         summary, last = cli.read_json(out / "summary.json", ("last_epoch",)), models.read_checkpoint(out / "last.pt")
         if summary["last_epoch"] == last["epoch"] == last["config"]["epochs"]:
             return summary
-    except Exception:  # missing, damaged or older records: not known to be finished
-        pass
     return None
 
 
@@ -475,25 +417,6 @@ def finish(out, config, last, best, teacher_accuracy):
     return summary
 
 
-def shown(loader, stream=None):
-    """The loader's batches; on a terminal only (never into a log or CI), one line redrawn each second or so with the
-    step, the images per second and the epoch's time left, erased before the epoch's line or whatever ends it."""
-    stream = stream or sys.stderr  # sys.stderr as it is now (None where a daemon closed it)
-    tty, started, drawn, images = stream is not None and stream.isatty(), time.perf_counter(), 0.0, 0
-    try:
-        for step, batch in enumerate(loader, 1):
-            yield batch
-            images += len(batch[1])
-            if tty and time.perf_counter() - drawn > 1:
-                rate = images / max((drawn := time.perf_counter()) - started, 1e-6)  # on CUDA: the pace of launches
-                left = (loader.num_samples - images) / rate
-                print(f"\r\033[K  step {step}/{len(loader)}  {rate:.0f} img/s  {left:.0f}s left in this epoch", end="",
-                      file=stream, flush=True)  # \033[K: what a longer line before left is erased
-    finally:  # an exception or a stop too: its message starts on a clean line
-        if tty and drawn:
-            print("\r\033[K", end="", file=stream, flush=True)
-
-
 def epoch_line(row, epochs):
     return ("epoch {epoch:3d}/{epochs}  lr {lr:.4g}  loss {loss_total:.4f} (ce {loss_ce:.4f} feat {loss_feat:.4f} "
             "kd {loss_kd:.4f})  train {train_acc:.2f}%  test {test_acc:.2f}%  {epoch_time_s:.1f}s"
@@ -502,69 +425,55 @@ def epoch_line(row, epochs):
             + (f"  {row['skipped_steps']} steps skipped (fp16 overflow)" if row["skipped_steps"] else ""))
 
 
-def recorded_config(out, checkpoint, required):
-    """(the configuration the run in `out` was trained with, a note on where it was read, or ""): last.pt's record
-    over config.json (deleted or edited by hand?); for an older last.pt, config.json with every `required` key."""
-    record = (checkpoint or {}).get("config")
-    record = record if isinstance(record, dict) else None
-    try:
-        saved, problem = cli.read_json(out / "config.json", () if record else required), None
-    except ValueError as error:
-        saved, problem = None, str(error)
-    if record is None:
-        if problem:
-            last = f"{out / 'last.pt'} (from an older train.py) records no configuration, so the run's recipe " \
-                   f"cannot be checked" if checkpoint else f"there is no {out / 'last.pt'}: nothing to resume"
-            sys.exit(f"error: cannot resume: {problem}, and {last}. Nothing was changed; restore config.json, or start "
-                     f"a new run")
-        return {**LATER_KEYS, **saved}, ""
-    if problem:
-        return record, f"note: {problem}: the configuration recorded in last.pt is used"
-    differing = sorted(key for key in set(saved) | set(record) if key not in (*LATER_KEYS, *RESUME_MAY_CHANGE)
-                       and saved.get(key) != record.get(key))
-    return record, (f"note: {out / 'config.json'} differs from the configuration last.pt was trained with "
-                    f"({', '.join(differing)}): last.pt's record is trusted, and config.json is rewritten from it"
-                    if differing else "")
-
-
 def written_by_train_py(key, value, current):
     """Whether a recorded value is one train.py writes for `key` (current: this command's, None where it may be)."""
     if key in CHOICES:
         return value in CHOICES[key]
     if current is None or value is None:
-        return current is None or key in {k for k, v in LATER_KEYS.items() if v is None} | {"teacher_ckpt"}
+        return current is None or key in {k for k, v in cli.LATER_KEYS.items() if v is None} | {"teacher_ckpt"}
     if isinstance(current, list):
         return isinstance(value, list) and all(type(item) is int for item in value)
     return type(value) is type(current) or type(value) is int and type(current) is float
 
 
 def resumed_config(config, out, given, checkpoint):
-    """recorded_config with the `given` flags RESUME_MAY_CHANGE lets change; any other that differs refused by name."""
-    required = [key for key in config if key not in LATER_KEYS]  # what every version wrote
-    saved, note = recorded_config(out, checkpoint, required)
+    """cli.recorded_config with the `given` flags RESUME_MAY_CHANGE allows; any other that differs refused by name."""
+    required = [key for key in config if key not in cli.LATER_KEYS]  # what every version wrote
+    saved, note = cli.recorded_config(out, checkpoint, required)
     if note:
         print(note)
     wrong = [f"{key} {value!r}" for key, value in saved.items() if not written_by_train_py(key, value, config.get(key))]
     if wrong:  # a hand-edited record: refused here, not as a traceback where the value is used
         sys.exit(f"error: cannot resume: {out}'s record holds {', '.join(wrong)}, not what train.py writes (edited by "
-                 f"hand?). Nothing was changed; restore config.json, or start a new run")
-    differing = sorted(key for key in given - {"resume", "out", *RESUME_MAY_CHANGE} if config[key] != saved.get(key))
+                 f"hand?). Nothing was changed; restore it, or start a new run")
+    differing = sorted(k for k in given - {"resume", "out", *cli.RESUME_MAY_CHANGE} if config[k] != saved.get(k))
     if differing:
-        sys.exit(f"error: {out} was run with " + ", ".join(f"{flag(k)} {saved.get(k)}" for k in differing)
-                 + "; this command asks for " + ", ".join(f"{flag(k)} {config.get(k)}" for k in differing)
-                 + ". A resumed run keeps its recorded configuration, and only --epochs may change its length: "
-                   "drop those flags to continue it, or give another --out to start a new run")
-    if "device" in given and torch.device(config["device"]).type != torch.device(saved["device"]).type:
-        sys.exit(f"error: {out} ran on {saved['device']}; it can only resume there")
-    if saved["device"].startswith("cuda") and not torch.cuda.is_available():
-        sys.exit(f"error: {out} ran on {saved['device']}, and this machine has no CUDA device to resume it on")
-    config = {**config, **saved, **{key: config[key] for key in given & set(RESUME_MAY_CHANGE)}}
-    devices.check(config["device"])  # a recorded cuda:1 on a one-GPU machine: --device cuda:0 resumes it there
-    gpu = config["device"].startswith("cuda")  # the device this resume runs on, maybe not the one the run began on
-    config.update(device_name=torch.cuda.get_device_name(config["device"]) if gpu else "cpu",
-                  capability="%d.%d" % torch.cuda.get_device_capability(config["device"]) if gpu else None)
-    if config["cuda_graphs"] and not config["compile"]:  # graphs replay the compiled step
-        if "cuda_graphs" in given:
-            sys.exit("error: --cuda-graphs needs --compile (it replays the compiled step)")
-        config["cuda_graphs"] = False
-    return config
+        sys.exit(f"error: {out} was run with " + ", ".join(f"{cli.flag(k)} {saved.get(k)}" for k in differing)
+                 + "; this command asks for " + ", ".join(f"{cli.flag(k)} {config.get(k)}" for k in differing)
+                 + ". On --resume only --epochs may change its length: drop those flags, or use another --out")
+    return devices.resumed({**config, **saved, **{key: config[key] for key in given & set(cli.RESUME_MAY_CHANGE)}},
+                           saved["device"], out)
+
+
+def decide(job, args, config, teacher_folder, parser):
+    """(run folder, configuration, resume?, summary if done before): one line starts, resumes or says done."""
+    out = Path(args.resume if isinstance(args.resume, str) else args.out or default_folder(config))
+    if out == teacher_folder:
+        sys.exit(f"error: --out {out} is where this job trains its teacher {config['teacher']}: choose another")
+    job.update(out=out, teacher_folder=teacher_folder)
+    resume = bool(args.resume) and (holds_results(out) or args.from_record)
+    if args.resume and not resume:
+        first_part = teacher_folder and not finished(teacher_folder) and (teacher_folder / "last.pt").exists()
+        print(f"note: nothing was saved in {out} yet: " + (f"the job resumes with its first part, the teacher run "
+              f"in {teacher_folder}" if first_part else "it starts"))
+    if resume:
+        config = resumed_config(config, out, args.given, read_checkpoint(out, None))
+        if wrong := cli.out_of_range(parser, config):  # an lr of 1e300 edited into last.pt would fail in SGD
+            sys.exit(f"error: cannot resume: {out}'s record holds {wrong}. Nothing was changed: restore it")
+        if (summary := finished(out)) and summary["last_epoch"] == config["epochs"]:
+            read_checkpoint(out, config["student"])  # its weights checked, as a resume checks them
+            print(f"done: {out} finished its {config['epochs']} epochs before; nothing to train (results: "
+                  f"{out / 'summary.json'})")
+            return out, config, True, summary
+        args.device_lines = [devices.line(config) + " (as the run recorded)"]
+    return out, config, resume, None

@@ -1,31 +1,26 @@
-"""Where a distillation's teacher comes from, and the teacher cache. A reader of the training loop may skip this file.
+"""Where a distillation's teacher comes from. A reader of the training loop may skip this file.
 
 The teacher is, in this order: the file a resumed run recorded (checked by sha256), --teacher-ckpt (this project's
 checkpoint or a published ckpt_epoch_240.pth), or the last.pt of this project's own run of it (training_config) in
-runs.default_folder, trained first or finished as started; one shorter than the job, or of other data, is refused.
-"""
+runs.default_folder, trained first or finished as started; one shorter than the job, or of other data, is refused."""
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 import cli
 import data
-import devices
 import models
 import runs
 
-CACHE_BATCH = 2048  # images per teacher forward pass while filling the teacher cache
-CACHE_HEADROOM = 2 * 2 ** 30  # bytes the teacher cache leaves free for training itself
 MOVE_AWAY = "move that folder away to train a new one, or pass --teacher-ckpt"  # the way out of a teacher run refused
 
 
 def training_config(config):
     """How a job trains its teacher: the same recipe and data, alone, on cross-entropy, at its architecture's lr."""
     return dict(config, student=config["teacher"], teacher=None, teacher_ckpt=None, method="none", ce_weight=1.0,
-                lr=cli.recipe("none", config["teacher"])["lr"], kd_weight=0.0, feat_weight=0.0, teacher_cache=False,
-                teacher_file=None, teacher_sha256=None)
+                lr=cli.recipe("none", config["teacher"])["lr"], kd_weight=0.0, feat_weight=0.0, teacher_file=None,
+                teacher_sha256=None)
 
 
 def check_checkpoint(config):
@@ -46,7 +41,7 @@ def check_checkpoint(config):
                  f"stopped: finish it first (python train.py --resume {path.parent}), or pass a finished teacher")
     for key in ("dataset", "train_subset"):
         if key in record and record[key] != config[key]:
-            print(f"note: the teacher in {path} was trained with {runs.flag(key)} {record[key]}; this run has "
+            print(f"note: the teacher in {path} was trained with {cli.flag(key)} {record[key]}; this run has "
                   f"{config[key]}")
 
 
@@ -77,22 +72,21 @@ def teacher_file(config, teacher_config, train):
                  f"new teacher, or pass --teacher-ckpt")
     for key in ("dataset", "train_subset", "data_md5"):  # an older record has no data_md5 (None)
         if recorded and recorded.get(key) != teacher_config.get(key) and (key != "data_md5" or recorded.get(key)):
-            sys.exit(f"error: {folder} holds a teacher trained with {runs.flag(key)} {recorded.get(key)}, not this "
+            sys.exit(f"error: {folder} holds a teacher trained with {cli.flag(key)} {recorded.get(key)}, not this "
                      f"run's {teacher_config.get(key)}: {MOVE_AWAY}")
     if finished and finished["last_epoch"] < config["epochs"]:
         sys.exit(f"error: {folder} holds a teacher trained for {finished['last_epoch']} epochs, fewer than this run's "
                  f"{config['epochs']}: {MOVE_AWAY}")
     if not finished:
         if unfinished := (folder / "last.pt").exists():  # finished as started (this job's device and speed switches)
-            given = set(runs.RESUME_MAY_CHANGE) - {"epochs", "device_name", "capability"}
+            given = set(cli.RESUME_MAY_CHANGE) - {"epochs", "device_name", "capability"}
             teacher_config = runs.resumed_config(teacher_config, folder, given, runs.read_checkpoint(folder, None))
             if teacher_config["epochs"] < config["epochs"]:  # stretched, its lr schedule would not be this job's
                 sys.exit(f"error: {folder} holds an unfinished teacher run of {teacher_config['epochs']} epochs, "
                          f"fewer than this job's {config['epochs']}: {MOVE_AWAY}")
-        print(f"the job, in two parts (no finished teacher {config['teacher']} was found; --teacher-ckpt uses a "
-              f"published one): 1. {'finish training' if unfinished else 'train'} {config['teacher']} alone, "
-              f"{teacher_config['epochs']} epochs, in {folder}; 2. distil {config['student']} from it for "
-              f"{config['epochs']} epochs")
+        print(f"the job, in two parts (no finished teacher {config['teacher']}; --teacher-ckpt takes a published one): "
+              f"1. {'finish training' if unfinished else 'train'} {config['teacher']} alone, {teacher_config['epochs']}"
+              f" epochs, in {folder}; 2. distil {config['student']} from it for {config['epochs']} epochs")
         train(teacher_config, folder, unfinished)
     return folder / "last.pt"
 
@@ -103,9 +97,8 @@ def own_folder(config, teacher_config):
     return runs.default_folder(teacher_config) if trains_or_reuses else None
 
 
-def load(config, datasets, train):
-    """The frozen teacher (teacher_file's, train: its callback) on the run's device, its path and sha256 put in config;
-    with --teacher-cache, refused here, before anything is filled or written, if the device cannot hold the cache."""
+def load(config, train):
+    """The frozen teacher (teacher_file's; train: its callback) on the run's device, its path and sha256 in config."""
     path = teacher_file(config, training_config(config), train)
     memory_format = torch.channels_last if config["channels_last"] else torch.preserve_format
     teacher = models.build_model(config["teacher"]).to(config["device"], memory_format=memory_format)
@@ -115,45 +108,5 @@ def load(config, datasets, train):
         sys.exit(f"error: teacher checkpoint: {error}")
     print(f"teacher {config['teacher']} from {path}")
     config.update(teacher_file=str(Path(path).resolve()), teacher_sha256=data.digest_of(path, "sha256"))
-    if config["teacher_cache"]:
-        num_images, itemsize, device = len(datasets[0][1]), 4 if config["precision"] == "fp32" else 2, config["device"]
-        needed = num_images * data.NUM_VIEWS * teacher.feature_dim * itemsize
-        print(f"teacher cache: {num_images:,} images x {data.NUM_VIEWS} views x {teacher.feature_dim} features x "
-              f"{itemsize} B = {needed / 2 ** 30:.2f} GiB on {device}")
-        if (free := devices.free_memory(device)) is None:
-            print("warning: this platform does not say how much memory is free: the cache's size is not checked")
-        elif needed + CACHE_HEADROOM > free:
-            sys.exit(f"error: the teacher cache needs {needed / 2 ** 30:.2f} GiB and {device} has "
-                     f"{free / 2 ** 30:.2f} GiB free, less the {CACHE_HEADROOM / 2 ** 30:.0f} GiB kept for training: "
-                     f"run without --teacher-cache (the same training, with the teacher run each step)")
     return teacher.eval().requires_grad_(False)
 
-
-class TeacherCache:
-    """The frozen teacher's pooled features for every training image under each of its 162 views, computed once.
-
-    In eval mode the teacher's output depends on the view alone (9 x 9 crop offsets x 2 flips): 240 epochs at batch
-    64 (12 M teacher passes) instead read rows (image, view) of a table filled by 8.1 M passes in large batches,
-    by `teacher_features`, the function the online step calls too. Each step runs the classifier on its rows (logits
-    are not stored: a matmul's last bits can depend on the batch size; features alone take 28% less memory). So a run
-    with the cache computes what one without does: bitwise on the CPU in float32 (test_train.py), on CUDA up to the
-    kernels chosen per batch size. `loader` must name its views (views=True)."""
-
-    def __init__(self, teacher_features, loader):
-        n, device, started = loader.num_samples, loader.device, time.time()
-        self.features = None
-        for view in range(data.NUM_VIEWS):  # all images under one view, in large batches
-            offsets, flips = data.view_parameters(torch.tensor([view], device=device))
-            for start in range(0, n, CACHE_BATCH):
-                images = loader.images[start:start + CACHE_BATCH]
-                views = data.crop_and_flip(images, offsets.expand(len(images), 2), flips.expand(len(images)))
-                features = teacher_features(loader.normalise(views))
-                if self.features is None:  # in the dtype the online teacher gives (bf16 under autocast)
-                    self.features = features.new_empty(n, data.NUM_VIEWS, features.shape[1])
-                self.features[start:start + len(images), view] = features
-        devices.synchronize(device)  # so that the time below is the fill's
-        self.fill_time_s = time.time() - started
-        print(f"teacher cache filled: {n * data.NUM_VIEWS:,} views in {self.fill_time_s:.1f} s")
-
-    def lookup(self, image_index, view):
-        return self.features[image_index, view]

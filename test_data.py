@@ -108,23 +108,6 @@ def test_offsets_and_flips_are_uniform():
     assert chi_square(narrow) > chi_square_bound(81) and chi_square(biased) > chi_square_bound(2)
 
 
-def test_loader_names_each_samples_image_and_view():
-    """views=True: the same batches, plus (image index, view k) of each sample, k as torchvision's view order above."""
-    images = random_images(40, seed=2)
-    plain = list(data.Loader(images, torch.arange(40), 16, True, "cpu", seed=6))
-    named = list(data.Loader(images, torch.arange(40), 16, True, "cpu", seed=6, views=True))
-    reference = all_views(images)
-    assert len(plain) == len(named) == 3
-    for (x, y), (x_named, y_named, index, view) in zip(plain, named):
-        assert torch.equal(x, x_named) and torch.equal(y, y_named) and torch.equal(index, y)
-        assert torch.equal(to_uint8(x), reference[view, index])
-    offsets, flips = data.view_parameters(torch.arange(162))
-    assert [(int(f), int(t), int(l)) for f, (t, l) in zip(flips, offsets)] == VIEWS
-    assert torch.equal(data.view_index(offsets, flips), torch.arange(162))
-    with pytest.raises(ValueError, match="training loader"):
-        data.Loader(images, torch.arange(40), 16, False, "cpu", views=True)
-
-
 def test_normalisation_constants_and_unaugmented_eval_batches():
     assert data.CIFAR100_MEAN == (0.5071, 0.4867, 0.4408) and data.CIFAR100_STD == (0.2675, 0.2565, 0.2761)
     images, labels = random_images(10), torch.arange(10) * 7

@@ -139,7 +139,7 @@ def steps(precision, scaler, count=3, flags=()):
     x, y = next(iter(data.Loader(*data.fake_cifar100(32, seed=0), 32, True, "cpu")))
     terms, skipped = [torch.zeros(4)], []
     for _ in range(count):
-        step_terms, _, step_skipped = train.train_step(loss_fn, optimizer, scaler, x, y, config)
+        step_terms, _, step_skipped = train.train_step(loss_fn, optimizer, scaler, x, y)
         terms.append(step_terms.clone())
         skipped.append(int(step_skipped))
     weights = [p.detach().clone() for group in optimizer.param_groups for p in group["params"]]
@@ -300,9 +300,9 @@ def test_duration_reads_in_minutes_hours_and_days():
 
 def test_the_warm_up_of_a_compiled_run_is_logged_apart_from_its_epochs(tmp_path, monkeypatch):
     """A compiled step compiles at the first call of each batch size (the full batch, then the epoch's last partial
-    one), autotunes cuDNN and, with --cuda-graphs, records at the second: train.WARMUP_STEPS steps of each size are
-    timed apart, so that epoch_time_s and images_per_s are the steady state. torch.compile is left out here (an
-    identity) to keep the test fast: what is checked is which steps count as warm-up, and the log."""
+    one) and autotunes cuDNN: train.WARMUP_STEPS steps of each size are timed apart, so that epoch_time_s and
+    images_per_s are the steady state. torch.compile is left out here (an identity) to keep the test fast: what is
+    checked is which steps count as warm-up, and the log."""
     monkeypatch.setitem(models._BUILDERS, "resnet8", TinyNet)
     monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: fn)
     config = train.resolve_config(train.parse_args([*TINY, "--compile", "--epochs", "3"]))

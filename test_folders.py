@@ -70,10 +70,10 @@ def test_another_run_s_records_are_not_written_over(tmp_path, capsys):
     out.mkdir()
     (out / "config.json").write_text(json.dumps({"student": "resnet20", "lr": 0.1}))
     before = snapshot(out)
-    assert "holds the records of another run (student" in exit_message([*TINY, "--epochs", "1", "--out", str(out)])
+    assert "holds another run's records (student" in exit_message([*TINY, "--epochs", "1", "--out", str(out)])
     (out / "config.json").unlink()
     (out / "log.csv").write_text("epoch,acc\n1,50\n")  # someone's log, without a config.json
-    assert "holds the records of another run" in exit_message([*TINY, "--epochs", "1", "--out", str(out)])
+    assert "holds another run's records" in exit_message([*TINY, "--epochs", "1", "--out", str(out)])
     assert (out / "log.csv").read_text() == "epoch,acc\n1,50\n" and before.keys() - {"config.json"} <= {"log.csv"}
     (out / "log.csv").unlink()
 

@@ -130,7 +130,7 @@ def test_resume_equals_uninterrupted_run(teacher_checkpoint, tmp_path, small_fak
     train.main([*common, "--epochs", "3", "--out", str(tmp_path / "straight")])
     train.main([*common, "--epochs", "2", "--out", str(tmp_path / "resumed")])
     saved = json.loads((tmp_path / "resumed/config.json").read_text())
-    del saved["cuda_graphs"]  # as a run started before that switch existed recorded its config
+    del saved["tf32"]  # as a run started before that switch existed recorded its config
     (tmp_path / "resumed/config.json").write_text(json.dumps(saved))
     train.main([*common, "--epochs", "3", "--out", str(tmp_path / "resumed"), "--resume"])
     straight = torch.load(tmp_path / "straight/last.pt", weights_only=True)
@@ -280,56 +280,26 @@ def test_cuda_run_cannot_resume_without_cuda(teacher_checkpoint, tmp_path):
     assert "no CUDA device to resume it on" in str(exit_info.value.code)
 
 
-@pytest.fixture(scope="module")
-def random_teacher(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("random_teacher") / "resnet8.pt"
-    torch.save(models.build_model("resnet8").state_dict(), path)
-    return path
-
-
-def cached_run(teacher, folder, epochs, cache, resume=False):
-    """srd with a KD term too (the cache serves the teacher's features and logits), 34 + 50 fake images."""
-    argv = ["--teacher", "resnet8", "--teacher-ckpt", str(teacher), "--student", "resnet8", "--kd-weight", "0.5",
-            "--epochs", str(epochs), "--batch-size", "32", "--device", "cpu", *(["--teacher-cache"] if cache else [])]
-    datasets = (data.fake_cifar100(34, seed=0), data.fake_cifar100(50, seed=1))  # batches of 32 and 2
-    return train.run(train.resolve_config(train.parse_args(argv)), folder, resume=resume, datasets=datasets)
-
-
-def test_teacher_cache_changes_nothing_and_resumes(random_teacher, tmp_path, capsys):
-    cached_run(random_teacher, tmp_path / "online", 2, cache=False)
-    cached_run(random_teacher, tmp_path / "cached", 2, cache=True)
-    out = capsys.readouterr().out
-    assert "teacher cache: 34 images x 162 views x 64 features x 4 B = 0.00 GiB on cpu" in out
-    assert "teacher cache filled: 5,508 views" in out
-    cached_run(random_teacher, tmp_path / "resumed", 1, cache=True)
-    cached_run(random_teacher, tmp_path / "resumed", 2, cache=True, resume=True)
-    untimed = [c for c in runs.LOG_COLUMNS if c not in ("epoch_time_s", "images_per_s", "warmup_s")]
-    online = [[r[c] for c in untimed] for r in read_log(tmp_path / "online")]
-    assert all(float(r[2]) != 0 and float(r[3]) != 0 for r in online)  # loss_feat and loss_kd both in use
-    for name in ("cached", "resumed"):
-        assert [[r[c] for c in untimed] for r in read_log(tmp_path / name)] == online, name  # identical losses
-        reference, other = (torch.load(tmp_path / n / "last.pt", weights_only=True) for n in ("online", name))
-        for part in ("model", "projector"):
-            for key, tensor in reference[part].items():
-                torch.testing.assert_close(other[part][key], tensor, rtol=1e-6, atol=1e-7, msg=f"{name} {key}")
-
-
-def test_teacher_cache_that_does_not_fit_is_refused_before_filling(random_teacher, tmp_path, monkeypatch):
-    monkeypatch.setattr(devices, "free_memory", lambda device: 2 * 2 ** 30)  # 2 GiB free, all of it headroom
-    with pytest.raises(SystemExit) as exit_info:
-        cached_run(random_teacher, tmp_path / "run", 1, cache=True)
-    message = str(exit_info.value.code)
-    assert "the teacher cache needs 0.00 GiB and cpu has 2.00 GiB free" in message
-    assert "run without --teacher-cache" in message and not (tmp_path / "run").exists()
-
-
-def test_teacher_cache_needs_a_teacher(capsys):
-    with pytest.raises(SystemExit):
-        train.parse_args(["--student", "resnet8", "--teacher-cache"])
-    assert "--teacher-cache stores a teacher's outputs: it needs --teacher" in capsys.readouterr().err
-    config = train.resolve_config(train.parse_args(["--teacher", "resnet8", "--student", "resnet8", "--teacher-cache"]))
-    assert train.teachers.training_config(config)["teacher_cache"] is False  # a teacher trained first has none
+@pytest.mark.parametrize("removed, flag", [("teacher_cache", "--teacher-cache"), ("cuda_graphs", "--cuda-graphs")])
+def test_a_record_of_a_removed_flag_resumes_where_it_was_off(removed, flag, tmp_path, small_fake_data):
+    """--teacher-cache and --cuda-graphs are gone (in git at b3fc172): a run that recorded one off resumes, its record
+    rewritten without it; a run that used one is refused by name, its folder untouched."""
+    folder = tmp_path / "run"
+    train.main(["--student", "resnet8", *TINY[:2], "--epochs", "1", "--device", "cpu", "--out", str(folder)])
+    checkpoint = torch.load(folder / "last.pt", weights_only=True)
+    for value in (True, False):  # as that train.py recorded it, in last.pt and config.json
+        checkpoint["config"][removed] = value
+        torch.save(checkpoint, folder / "last.pt")
+        (folder / "config.json").write_text(json.dumps(checkpoint["config"]))
+        if value:
+            with pytest.raises(SystemExit) as exit_info:
+                train.main(["--resume", str(folder), "--epochs", "2"])
+            assert str(exit_info.value.code) == f"error: cannot resume {folder}: this train.py no longer has {flag}; " \
+                                                f"resume it with the commit that ran it, b3fc172, or start a new run"
+            assert torch.load(folder / "last.pt", weights_only=True)["epoch"] == 1
+    assert train.main(["--resume", str(folder), "--epochs", "2"])["last_epoch"] == 2
+    assert removed not in json.loads((folder / "config.json").read_text())
+    assert removed not in torch.load(folder / "last.pt", weights_only=True)["config"]
 
 
 # ---- short runs that make sense: the schedule follows --epochs, and a fixed training subset --------------------
@@ -413,7 +383,8 @@ def test_the_projector_spectrum_is_logged_for_srd_and_empty_otherwise(teacher_ch
     path, _ = teacher_checkpoint
     for method, projector in (("srd", "mlp"), ("srd", "linear"), ("kd", "mlp")):
         train.main(["--teacher", "resnet8", "--teacher-ckpt", str(path), "--student", "resnet8", "--method", method,
-                    "--projector", projector, *TINY, "--epochs", "1", "--out", str(tmp_path / f"{method}-{projector}")])
+                    *(["--projector", projector] if method == "srd" else []),  # kd's is inert: refused if given
+                    *TINY, "--epochs", "1", "--out", str(tmp_path / f"{method}-{projector}")])
     columns = ["proj1_sv_over_1pct", "proj1_effective_rank", "proj2_sv_over_1pct", "proj2_effective_rank"]
     for name, filled in (("srd-mlp", 4), ("srd-linear", 2), ("kd-mlp", 0)):
         row = read_log(tmp_path / name)[-1]
@@ -458,20 +429,20 @@ class Terminal(io.StringIO):
 
 def test_progress_is_drawn_on_a_terminal_only_and_erased(monkeypatch):
     clock = iter(range(2, 100, 2))  # each reading of the clock 2 s after the one before
-    monkeypatch.setattr(runs.time, "perf_counter", lambda: next(clock))
+    monkeypatch.setattr(devices.time, "perf_counter", lambda: next(clock))
     loader = data.Loader(torch.zeros(10, 3, 32, 32, dtype=torch.uint8), torch.arange(10), 4, False, "cpu")
     terminal, log = Terminal(), io.StringIO()
-    assert [batch[1].tolist() for batch in runs.shown(loader, terminal)] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    assert [batch[1].tolist() for batch in devices.shown(loader, terminal)] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
     erase = "\r\033[K"  # each line drawn over the whole old one, and the last erased before the epoch's line
     assert terminal.getvalue() == (f"{erase}  step 1/3  1 img/s  6s left in this epoch"  # 4 images in 4 s, 6 to go
                                    f"{erase}  step 2/3  1 img/s  2s left in this epoch"
                                    f"{erase}  step 3/3  1 img/s  0s left in this epoch{erase}")
-    assert len(list(runs.shown(loader, log))) == 3 and log.getvalue() == ""  # nothing into a file or a pipe
+    assert len(list(devices.shown(loader, log))) == 3 and log.getvalue() == ""  # nothing into a file or a pipe
     stopped = Terminal()
     with pytest.raises(KeyboardInterrupt):
-        for step, _ in enumerate(runs.shown(loader, stopped)):
+        for step, _ in enumerate(devices.shown(loader, stopped)):
             if step == 1:
                 raise KeyboardInterrupt  # a stop mid-epoch: its message must start on a clean line
     assert stopped.getvalue().endswith(f"left in this epoch{erase}")
     monkeypatch.setattr(sys, "stderr", None)  # closed by a daemon: training goes on, silently
-    assert len(list(runs.shown(loader))) == 3
+    assert len(list(devices.shown(loader))) == 3

@@ -6,8 +6,7 @@
 A batch's path: data.Loader (augmented on the device) -> train_step -> make_loss_fn's loss (the student and the
 frozen teacher of models.py, CE + 2.0 x losses.FeatureDistillation) -> backward -> SGD. The recipe is CRD's (Tian,
 Krishnan & Isola, ICLR 2020), as in the paper. What a reader may skip: runs.py (the run folder), teachers.py (where
-the teacher comes from) and devices.py (what each device gets).
-"""
+the teacher comes from) and devices.py (what each device gets)."""
 import os
 import signal
 import sys
@@ -16,7 +15,6 @@ if __name__ == "__main__":  # a stop while torch loads (seconds): one line, no t
     for _stop in (signal.SIGINT, signal.SIGTERM):
         signal.signal(_stop, lambda signum, _: (print("stopped while starting: nothing was written", file=sys.stderr),
                                                  os._exit(128 + signum)))
-import argparse
 import textwrap
 import time
 from pathlib import Path
@@ -32,14 +30,14 @@ import models
 import runs
 import teachers
 
-WARMUP_STEPS = 2  # per batch size: a compiled step compiles at its first call, a CUDA graph records at its second
+WARMUP_STEPS = 2  # per batch size: a compiled step compiles at its first call, cuDNN autotunes its kernels
 NOT_RECORDED = ("resume", "out", "given", "device_lines", "from_record", "allow_slow")  # this command's, not the run's
 
 
 # ---- the recipe and its flags ----------------------------------------------------------------------------------
 
 def make_parser():
-    positive, non_negative, count = cli.number(minimum=0, above=True), cli.number(minimum=0), cli.number(int, 1)
+    positive, count = cli.number(minimum=0, above=True), cli.number(int, 1)
     p = cli.Parser(prog="python train.py", description=__doc__.split("\n")[0])
     p.add_argument("--student", choices=models.MODEL_NAMES, metavar="NAME", help="model to train (required, but "
                    "a resumed run's folder records it): " + ", ".join(models.MODEL_NAMES))
@@ -84,14 +82,13 @@ def parse_args(argv=None):
         args = parse_args(runs.recorded_identity(Path(folder)) + argv)
         args.from_record = True  # the run's flags are its record's: nothing to start a run with
         return args
-    args.given = runs.given_flags(p, argv, args) - {"allow_slow"}  # for --resume's comparison with the record
+    args.given = cli.given_flags(p, argv, args) - {"allow_slow"}  # for --resume's comparison with the record
     args.from_record = False
     args.method = args.method or ("srd" if args.teacher else "none")
     for wrong, message in (
             (args.teacher_ckpt and not args.teacher, "--teacher-ckpt needs --teacher NAME (the architecture to load)"),
             (args.teacher and args.method == "none", "--method none trains the student alone: drop --teacher"),
             (not args.teacher and args.method != "none", f"--method {args.method} needs --teacher"),
-            (args.teacher_cache and not args.teacher, "--teacher-cache stores a teacher's outputs: it needs --teacher"),
             ((args.train_subset or 100) % 100, f"--train-subset {args.train_subset}: not a multiple of 100 classes"),
             (args.milestones and args.milestones != sorted(set(args.milestones)), "--milestones must increase"),
             ((args.milestones or [0])[-1] > (args.epochs or cli.EPOCHS),
@@ -114,28 +111,15 @@ def resolve_config(args):
     config.update(feat_weight=args.feat_weight if args.method == "srd" else 0.0, device=device, **speed,
                   teacher_ckpt=str(Path(args.teacher_ckpt).resolve()) if args.teacher_ckpt else None)  # from anywhere
     if useless := sorted(cli.inert(config) & args.given):  # recorded, they would split one experiment's report rows
-        sys.exit(f"error: {', '.join(map(runs.flag, useless))} would change nothing in this run (--method "
+        sys.exit(f"error: {', '.join(map(cli.flag, useless))} would change nothing in this run (--method "
                  f"{config['method']}, --projector {config['projector']}, --distance {config['distance']}, --kd-weight "
                  f"{config['kd_weight']}): drop {'it' if len(useless) == 1 else 'them'}")
     if config["method"] == "srd" and config["projector"] == "none":  # refused now, not after a teacher part's training
         dims = {name: models.build_model(name).feature_dim for name in (config["student"], config["teacher"])}
         if len(set(dims.values())) > 1:
-            sys.exit(f"error: --projector none compares the features as they are, but their widths differ ("
+            sys.exit("error: --projector none compares the features as they are, but their widths differ ("
                      + ", ".join(f"{name} {dim}" for name, dim in dims.items()) + "): use --projector mlp or linear")
     return config
-
-
-def check_recorded(config, out):
-    """A resumed run's record within the flags' own bounds (an lr of 1e300 edited into last.pt would fail in SGD)."""
-    for action in make_parser()._actions:  # argparse has no public list of them
-        values = config.get(action.dest)
-        for value in (values if isinstance(values, list) else [values]) if action.type and values is not None else ():
-            try:
-                action.type(str(value))
-            except argparse.ArgumentTypeError as error:
-                sys.exit(f"error: cannot resume: {out}'s record holds {action.dest} {value!r}, out of "
-                         f"{action.option_strings[0]}'s range ({error}). Nothing was changed; restore its record "
-                         f"(config.json, last.pt), or start a new run")
 
 
 def lr_at(config, epoch):
@@ -151,13 +135,6 @@ def schedule(config):
 
 
 # ---- the networks: the frozen teacher, the student and its projector -------------------------------------------
-
-def teacher_forward(teacher, images, config):
-    """The frozen teacher's (logits, pooled features) under the run's autocast: eval mode, no graph. The online step
-    and the teacher cache's fill both call this, so the two give the same numbers."""
-    with torch.no_grad(), devices.autocast(config):
-        return teacher(images, return_features=True)
-
 
 def build_on_device(name, config):
     memory_format = torch.channels_last if config["channels_last"] else torch.preserve_format
@@ -187,23 +164,17 @@ def build_student(config, teacher=None):
 # ---- the step --------------------------------------------------------------------------------------------------
 
 def make_loss_fn(student, teacher, distill, config):
-    """The per-batch objective: CE, plus the feature distance D and/or KD when a teacher is present.
+    """The per-batch objective: CE, plus the feature distance D and/or KD when a teacher is present. loss_fn(images,
+    labels) returns (total, terms, correct) as device tensors: nothing here forces a CPU-GPU sync."""
 
-    loss_fn(images, labels, teacher_features=None): the teacher runs on the batch unless its pooled features are
-    given (read from the teacher cache); then only its classifier runs, on them. Returns (total, terms, correct) as
-    device tensors: nothing here forces a CPU-GPU sync."""
-
-    def loss_fn(images, labels, teacher_features=None):
+    def loss_fn(images, labels):
         with devices.autocast(config):
             logits, features = student(images, return_features=True)
             ce = F.cross_entropy(logits.float(), labels)
             feat = kd = torch.zeros((), device=images.device)
             if teacher is not None:
-                if teacher_features is None:
-                    teacher_logits, teacher_features = teacher_forward(teacher, images, config)
-                else:  # the classifier on the cached features at this batch's size, exactly as the forward does
-                    with torch.no_grad():
-                        teacher_logits = teacher.head(teacher_features)
+                with torch.no_grad():  # the frozen teacher (eval mode): no graph
+                    teacher_logits, teacher_features = teacher(images, return_features=True)
                 if config["feat_weight"]:
                     feat = distill(features, teacher_features)  # float32 inside, whatever the autocast
                 if config["kd_weight"]:
@@ -212,18 +183,14 @@ def make_loss_fn(student, teacher, distill, config):
         terms = torch.stack([ce.detach(), feat.detach(), kd.detach(), total.detach()])
         return total, terms, (logits.argmax(1) == labels).sum()
 
-    if not config["compile"]:
-        return loss_fn
     # dynamic=False: every graph keeps static shapes; the last partial batch of an epoch compiles its own, once
-    return torch.compile(loss_fn, dynamic=False, mode="reduce-overhead" if config["cuda_graphs"] else "default")
+    return torch.compile(loss_fn, dynamic=False) if config["compile"] else loss_fn
 
 
-def train_step(loss_fn, optimizer, scaler, images, labels, config, teacher_features=None):
+def train_step(loss_fn, optimizer, scaler, images, labels):
     """One SGD step: the loss terms, the correct count and whether the loss scaler skipped the step, as device
     tensors (no host sync). Outside fp16 the scaler is disabled: backward and optimizer.step() as usual."""
-    if config["cuda_graphs"]:
-        torch.compiler.cudagraph_mark_step_begin()  # a new iteration: the previous step's graph outputs are free
-    total, terms, correct = loss_fn(images, labels, teacher_features)
+    total, terms, correct = loss_fn(images, labels)
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(total).backward()  # fp16: the loss scaled up, so that small gradients survive fp16's range
     scaler.step(optimizer)  # skipped where the scaled gradients overflowed to inf or NaN (a scale too large)
@@ -236,21 +203,19 @@ def train_step(loss_fn, optimizer, scaler, images, labels, config, teacher_featu
 
 # ---- the epoch, and evaluation ---------------------------------------------------------------------------------
 
-def train_one_epoch(loss_fn, optimizer, scaler, loader, config, teacher_cache=None, warm=None):
+def train_one_epoch(loss_fn, optimizer, scaler, loader, config, warm=None):
     """One pass over the training set: the mean loss terms (ce, feat, kd, total), train accuracy (%), the number of
     steps the loss scaler skipped, and the warm-up (seconds, images): the first WARMUP_STEPS steps of each batch size
-    in this process (the counts kept in `warm`) compile, autotune or record graphs, so they are timed apart, each
-    between two syncs. teacher_cache: a teachers.TeacherCache (the loader then names its views)."""
+    in this process (the counts kept in `warm`) compile or autotune, so they are timed apart, between two syncs."""
     sums = torch.zeros(4, device=config["device"])  # summed over samples on the device: no sync per step
     counts = torch.zeros(2, dtype=torch.long, device=config["device"])  # correct samples, skipped steps
     warmup_s, warmup_images, warm = 0.0, 0, {} if warm is None else warm
-    for images, labels, *drawn in runs.shown(loader):
+    for images, labels in devices.shown(loader):
         cold = warm.get(len(labels), 0) < WARMUP_STEPS and (config["compile"] or config["device"] != "cpu")
         if cold:
             devices.synchronize(config["device"])
             started = time.time()
-        teacher_features = teacher_cache.lookup(*drawn) if teacher_cache is not None else None
-        terms, correct, skipped = train_step(loss_fn, optimizer, scaler, images, labels, config, teacher_features)
+        terms, correct, skipped = train_step(loss_fn, optimizer, scaler, images, labels)
         sums += terms * labels.shape[0]
         counts += torch.stack([correct, skipped])
         if cold:
@@ -279,8 +244,7 @@ def evaluate(model, loader, config):
 def run(config, out, resume=False, datasets=None):
     """Train (or resume) one run into the folder `out`; returns its summary dict. datasets: ((train images, labels),
     (test images, labels)) instead of config's (tests pass small ones)."""
-    out = Path(out)
-    runs.check_folder(out, resume, config)  # refuse before anything is loaded
+    runs.check_folder(out := Path(out), resume, config)  # refuse before anything is loaded
     if resume:
         runs.read_checkpoint(out, config["student"])
     items = (f"{key}={value}".replace(" ", "\0") for key, value in config.items())  # wrapped between items only
@@ -297,7 +261,7 @@ def run(config, out, resume=False, datasets=None):
         sys.exit(f"error: {len(datasets[0][1])} training images in batches of {config['batch_size']} leave a last "
                  f"batch of one image, which BatchNorm cannot normalise: choose another --batch-size")
     # teachers.py: a resumed run's, --teacher-ckpt, or this project's own, trained first by a call back into run()
-    teacher = teachers.load(config, datasets, train=lambda *part: run(*part, datasets)) if config["teacher"] else None
+    teacher = teachers.load(config, train=lambda *part: run(*part, datasets)) if config["teacher"] else None
     with runs.claimed(out, resume, config):  # the lock
         return fit(config, out, resume, teacher, datasets)
 
@@ -305,22 +269,19 @@ def run(config, out, resume=False, datasets=None):
 def fit(config, out, resume, teacher, datasets):
     """The training loop of run(), in a run folder this process holds."""
     devices.apply(config)  # cuDNN's autotuning, TF32 as recorded
-    (train_images, train_labels), test_set = datasets
     student, distill, optimizer = build_student(config, teacher)
     scaler = torch.amp.GradScaler(torch.device(config["device"]).type, enabled=config["precision"] == "fp16")
-    train_loader = data.Loader(train_images, train_labels, config["batch_size"], True, config["device"],
-                               config["seed"], views=config["teacher_cache"], channels_last=config["channels_last"])
-    test_loader = data.Loader(*test_set, 500, False, config["device"], channels_last=config["channels_last"])
+    train_loader = data.Loader(*datasets[0], config["batch_size"], True, config["device"], config["seed"],
+                               channels_last=config["channels_last"])
+    test_loader = data.Loader(*datasets[1], 500, False, config["device"], channels_last=config["channels_last"])
     start_epoch, best, wall_before, last = runs.start(out, config, resume, student, distill, optimizer,
                                                       train_loader, scaler)
     teacher_accuracy = evaluate(teacher, test_loader, config) if teacher is not None else None
     if teacher is not None:
         print(f"teacher {config['teacher']} test accuracy {teacher_accuracy:.2f}")
-    teacher_cache = teachers.TeacherCache(lambda images: teacher_forward(teacher, images, config)[1], train_loader) \
-        if config["teacher_cache"] else None
     torch.compiler.reset()  # drop what an earlier compile in this process (a teacher's run, say) holds
     loss_fn = make_loss_fn(student, teacher, distill, config)
-    graph_skips, run_started, warm = devices.cudagraph_skips(), time.time(), {}
+    run_started, warm = time.time(), {}
     for epoch in range(start_epoch, config["epochs"] + 1):
         lr = lr_at(config, epoch)
         for group in optimizer.param_groups:
@@ -328,12 +289,9 @@ def fit(config, out, resume, teacher, datasets):
         epoch_started = time.time()
         with devices.compile_failures_explained(config, resumed=start_epoch > 1):
             mean_terms, train_accuracy, skipped, (warmup_s, warmup_images) = train_one_epoch(
-                loss_fn, optimizer, scaler, train_loader, config, teacher_cache, warm)
+                loss_fn, optimizer, scaler, train_loader, config, warm)
         epoch_time, steady_images = time.time() - epoch_started - warmup_s, train_loader.num_samples - warmup_images
         runs.check_finite(out, epoch, mean_terms, student, distill)  # the losses, and every weight and buffer
-        if config["cuda_graphs"] and epoch == start_epoch and devices.cudagraph_skips() > graph_skips:
-            print("warning: torch declined to record CUDA graphs for part of the step, which runs as plain compiled "
-                  "code; TORCH_LOGS=cudagraphs shows why", flush=True)
         test_accuracy = evaluate(student, test_loader, config)
         if test_accuracy > best["accuracy"]:
             best = {"accuracy": test_accuracy, "epoch": epoch}
@@ -358,7 +316,7 @@ def step_seconds(config):
         images, labels = torch.randn(config["batch_size"], 3, 32, 32), torch.zeros(config["batch_size"]).long()
         for _ in range(2):
             started = time.time()
-            train_step(loss_fn, optimizer, scaler, images, labels, config)
+            train_step(loss_fn, optimizer, scaler, images, labels)
     return time.time() - started
 
 
@@ -367,32 +325,16 @@ def main(argv=None):
     with runs.stops_explained(argv) as job:  # Ctrl-C or SIGTERM, anywhere: the truth read from the job's folders
         args = parse_args(argv)
         config = resolve_config(args)
-        out = Path(args.resume if isinstance(args.resume, str) else args.out or runs.default_folder(config))
         teacher_folder = teachers.own_folder(config, teachers.training_config(config))  # where the job trains it
-        if out == teacher_folder:
-            sys.exit(f"error: --out {out} is where this job trains its teacher {config['teacher']}: choose another")
-        job.update(out=out, teacher_folder=teacher_folder)
-        teacher_unfinished = teacher_folder and not runs.finished(teacher_folder)
-        resume = bool(args.resume) and (runs.holds_results(out) or args.from_record)
-        if args.resume and not resume:  # the same line starts, resumes or says done (a requeued job, a list run twice)
-            first_part = teacher_unfinished and (teacher_folder / "last.pt").exists()
-            print(f"note: nothing was saved in {out} yet: " + (f"the job resumes with its first part, the teacher run "
-                  f"in {teacher_folder}" if first_part else "it starts"))
-        if resume:
-            config = runs.resumed_config(config, out, args.given, runs.read_checkpoint(out, None))
-            check_recorded(config, out)
-            summary = runs.finished(out)
-            if summary and summary["last_epoch"] == config["epochs"]:
-                runs.read_checkpoint(out, config["student"])  # its weights checked, as a resume checks them
-                print(f"done: {out} finished its {config['epochs']} epochs before; nothing to train (results: "
-                      f"{out / 'summary.json'})")
-                return summary
-            args.device_lines = [devices.line(config) + " (as the run recorded)"]
+        out, config, resume, done = runs.decide(job, args, config, teacher_folder, make_parser())
+        if done:
+            return done
         print("\n".join(args.device_lines))
         teachers.check_checkpoint(config)  # --teacher-ckpt: fail fast, before any data is downloaded or folder made
         if config["device"] == "cpu" and not resume:  # before any heavy work: how long, and what to run instead
-            devices.advise_cpu(config, teachers.training_config(config) if teacher_unfinished else None, step_seconds,
-                               args.allow_slow)
+            unfinished = teacher_folder and not runs.finished(teacher_folder)  # the job trains its teacher first
+            teacher_part = teachers.training_config(config) if unfinished else None
+            devices.advise_cpu(config, teacher_part, step_seconds, args.allow_slow)
         return run(config, out, resume)
 
 
