@@ -286,13 +286,38 @@ def plot(groups, path, spectrum_path):
     return figure, spectrum_figure
 
 
+def plot_against(key, series, path):
+    """against-<key>.png: each row's accuracy at the last epoch (mean ± std, a dot per run) against its setting `key`
+    (alpha, say), a line per series: [(label, groups)], as --series gives them."""
+    figure = plt.figure(figsize=(7, 4.5))
+    for i, (label, groups) in enumerate(series):
+        points = sorted((group[0]["config"][key], [run["last_accuracy"] for run in group]) for group in groups)
+        for x, accuracies in points:
+            plt.plot([x] * len(accuracies), accuracies, ".", color=f"C{i}", alpha=0.5)
+        plt.errorbar([x for x, _ in points], [statistics.mean(a) for _, a in points], capsize=4, marker="o",
+                     yerr=[statistics.stdev(a) if len(a) > 1 else 0 for _, a in points], color=f"C{i}", label=label)
+    plt.gca().set(xlabel=key, ylabel="test accuracy at the last epoch (%)", title=f"accuracy against {key}: "
+                  "mean ± std over seeds, a dot per run")
+    plt.legend()
+    plt.grid(alpha=0.3)
+    figure.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(figure)
+    return figure
+
+
 def main(argv=None):
     p = cli.Parser(prog="python report.py", description=__doc__)
     p.add_argument("runs_dirs", nargs="*", type=Path, default=[Path("runs")], metavar="RUNS_DIR",
                    help="folders searched, at any depth, for run folders (default runs/); their runs are pooled")
     p.add_argument("--out", type=Path, help="folder for report.md, report.csv, figures (default the first RUNS_DIR)")
     p.add_argument("--no-plot", action="store_true", help="skip the figures")
+    p.add_argument("--against", metavar="KEY", help="also against-KEY.png: each row's accuracy against its setting KEY "
+                   "(a config.json key, alpha say), a line per --series")
+    p.add_argument("--series", nargs="+", action="append", metavar=("LABEL", "RUNS_DIR"), default=[],
+                   help="a line of --against's figure: its label, then folders of its runs (repeat for each line)")
     args = p.parse_args(argv)
+    if bool(args.against) != bool(args.series) or any(len(series) < 2 for series in args.series):
+        p.error("--against KEY and --series LABEL RUNS_DIR [RUNS_DIR ...] go together")
     for folder in args.runs_dirs:
         if not folder.is_dir():
             sys.exit(f"error: {folder} is not a folder (train.py writes its runs below runs/ unless told --out)")
@@ -301,12 +326,17 @@ def main(argv=None):
     if not runs:
         sys.exit(f"error: no finished run below {', '.join(map(str, args.runs_dirs))} ({len(unfinished)} unfinished, "
                  f"{len(problems)} unreadable; a finished run folder holds config.json and summary.json)")
+    series = [(label, group_runs(find_runs(list(map(Path, folders)))[0])) for label, *folders in args.series]
+    if empty := [label for label, groups in series if not groups or any(args.against not in g[0]["config"]
+                                                                         for g in groups)]:
+        sys.exit(f"error: --series {', '.join(empty)}: no finished run, or one without {args.against} in its record")
     groups = group_runs(runs)
     rows = [summarise(group) for group in groups]
     warnings = [f"{name(group[0]['config'])} {row['setting']}: a seed appears twice ({row['folders']})"
                 for group, row in zip(groups, rows) if len(set(row["seeds"].split())) < len(group)]
     print("".join(f"warning: {w}\n" for w in warnings), end="", file=sys.stderr)  # a run copied twice, say
-    paths = [out / file for file in ("report.md", "report.csv", "curves.png", "spectrum.png", "accuracy.png")]
+    paths = [out / file for file in ("report.md", "report.csv", "curves.png", "spectrum.png", "accuracy.png",
+                                     *([f"against-{args.against}.png"] if series else []))]
     table = markdown(rows, [("Unfinished runs, not in the table:", unfinished),
                             ("Skipped runs (a file that cannot be trusted), not in the table:", problems),
                             ("Warnings:", warnings)], [] if args.no_plot else [FIGURE.replace("\n", " ")])
@@ -320,6 +350,8 @@ def main(argv=None):
         if not args.no_plot:
             plot(groups, paths[2], paths[3])
             plot_rows(groups, rows, paths[4])
+        if series:
+            plot_against(args.against, series, paths[-1])
     except OSError as error:  # out is a file, or not writable: said by the error, with the path
         sys.exit(f"error: cannot write the report into {out}: {error} (--out FOLDER chooses where it goes)")
     print(f"wrote {', '.join(str(path) for path in paths if path.exists())}")

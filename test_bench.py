@@ -1,10 +1,6 @@
 """The speed path changes no mathematics: the optimised training step against the plain one, and bench.py runs.
-Also here, for want of room in test_report.py: cli.inert against the loss and in report.py's rows, and report.py on
-files that hung or crashed it."""
+Also here: cli.inert (the settings that change nothing) against train.py's loss itself."""
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,7 +10,7 @@ import bench
 import cli
 import data
 import train
-from test_report import call_report, cpu_config, edit_json, folders_of, read_rows, write_run
+from test_report import cpu_config
 
 
 def two_steps(optimised, method="srd"):
@@ -207,43 +203,3 @@ def test_inert_names_the_settings_that_change_no_loss(argv, one_torch_thread, mo
         if torch.equal(batch_terms(cpu_config(*argv, "--no-compile", f"--{key.replace('_', '-')}", value)), terms):
             unchanged.add(key)
     assert unchanged == inert(config)
-
-
-def test_what_would_hang_or_crash_the_report_is_skipped_in_a_line(tmp_path):
-    """A FIFO hung the report (open() waits for a writer); a 400-digit integer was an OverflowError; 1e308 and text
-    were accuracies. Each run is skipped, its file and why in a line."""
-    spoilt = {"1e308": {"best_accuracy": 1e308}, "huge": {"last_epoch": 10 ** 400},
-              "text": {"last_accuracy": "19.6"}, "true": {"teacher_accuracy": True}}
-    for name, change in spoilt.items():
-        write_run(tmp_path / name, cpu_config(), 50.0)
-        edit_json(tmp_path / name / "summary.json", **change)
-    for file in ("config.json", "log.csv", "summary.json"):
-        write_run(tmp_path / f"fifo-{file}", cpu_config(), 50.0)
-        (tmp_path / f"fifo-{file}" / file).unlink()
-        os.mkfifo(tmp_path / f"fifo-{file}" / file)
-    write_run(tmp_path / "over", cpu_config(), 50.0, test_acc=101)
-    write_run(tmp_path / "good", cpu_config(), 50.0)
-    result = subprocess.run([sys.executable, "report.py", str(tmp_path), "--no-plot"], cwd=Path(__file__).parent,
-                            capture_output=True, text=True, timeout=60)  # a hang: TimeoutExpired
-    assert result.returncode == 0 and result.stderr.splitlines() == [f"skipped {tmp_path}/{line}" for line in (
-        "1e308/summary.json: best_accuracy is not a percentage: 1e+308", *(
-            f"fifo-{file}/{file}: not a regular file" for file in ("config.json", "log.csv", "summary.json")),
-        "huge/summary.json: last_epoch is not a number: 100000000000000000...0000000000000000000",
-        "over/log.csv: test_acc in row 1 is not a percentage: '101'",
-        "text/summary.json: last_accuracy is not a percentage: '19.6'",
-        "true/summary.json: teacher_accuracy is not a percentage: True")]
-
-
-def test_a_flag_without_effect_splits_no_row(tmp_path):
-    """--hidden-dim under --projector linear changes nothing (cli.inert): such runs share a row, with one recorded as
-    train.py records it (None); under mlp it is an experiment of its own. KD shows no projector flags."""
-    linear = cpu_config("--teacher", "resnet8", "--projector", "linear")
-    configs = {"a": linear, "b": dict(linear, seed=1, hidden_dim=512), "c": dict(linear, seed=2, hidden_dim=None),
-               "mlp": cpu_config("--teacher", "resnet8", "--hidden-dim", "512"),
-               "kd": dict(cpu_config("--teacher", "resnet8", "--method", "kd"), projector="linear", alpha=2.0)}
-    for i, (folder, config) in enumerate(configs.items()):
-        write_run(tmp_path / folder, config, 60.0 + i)
-    code, _, stderr = call_report(tmp_path, "--no-plot")
-    assert code == 0, stderr
-    assert {row["setting"]: folders_of(row, tmp_path) for row in read_rows(tmp_path / "report.csv")} == {
-        "--projector linear": {"a", "b", "c"}, "--hidden-dim 512": {"mlp"}, "": {"kd"}}
