@@ -1,4 +1,5 @@
-"""The README's code runs as written: the losses.py snippet, and every train.py and bench.py command line parses."""
+"""The READMEs' code runs as written: the losses.py snippet, and every train.py and bench.py command line parses (in
+README.md, experiments/README.md and docs/); the README stays short and opens with the idea."""
 import re
 import shlex
 import shutil
@@ -13,6 +14,8 @@ from test_report import call_report, read_rows, write_run
 
 PROJECT = Path(__file__).resolve().parent
 README = (PROJECT / "README.md").read_text()
+EXPERIMENTS = (PROJECT / "experiments" / "README.md").read_text()
+ALL_DOCS = "\n".join([README, EXPERIMENTS, *(path.read_text() for path in sorted((PROJECT / "docs").glob("*.md")))])
 
 
 def commands(text, script):
@@ -24,7 +27,7 @@ def commands(text, script):
             seeds = loop.group(1).split()
         elif line.strip() == "done":
             seeds = None
-        elif line.startswith(f"python {script}"):
+        elif line.strip().startswith(f"python {script}"):  # a command in a list item is indented
             argv = shlex.split(line.split("#")[0])[2:]
             found += [[a.replace("$seed", seed) for a in argv] for seed in seeds] if seeds else [argv]
     return found
@@ -41,29 +44,34 @@ def test_losses_snippet_runs_next_to_a_copy_of_losses(tmp_path):
     assert re.fullmatch(r"loss -?\d+\.\d{3}\n", result.stdout)
 
 
+def test_the_readme_is_short_and_opens_with_the_idea():
+    assert len(README.splitlines()) <= 200
+    assert [line for line in README.splitlines() if line.startswith("## ")][:2] == ["## The idea", "## Your first hour"]
+
+
 def test_every_train_command_parses():
-    found = commands(README, "train.py")
-    assert len(found) >= 15  # the recipe, its ablations and the no-GPU line (the ablation list: test_train.py)
+    found = commands(ALL_DOCS, "train.py")
+    assert len(found) >= 15  # the first hour's, the paper's table's, the GPU checks' (the lists: test_experiments.py)
     for argv in found:
         train.parse_args(argv)  # argparse exits (fails the test) on a wrong flag
 
 
 def test_every_bench_command_parses():
-    found = commands(README, "bench.py")
-    assert len(found) >= 3
+    found = commands(ALL_DOCS, "bench.py")
+    assert len(found) >= 2
     for argv in found:
         bench.parse_args([*argv, "--device", "cpu", "--pipelines", "reference"] if "--device" not in argv else argv)
 
 
-def test_the_no_gpu_line_names_the_command_train_py_advises():
-    no_gpu = README[README.index("**No GPU?**"):].split("\n\n")[0]
-    assert f"`{devices.CPU_EXPERIMENT}`" in " ".join(no_gpu.split())
+def test_the_cpu_experiment_is_the_command_train_py_advises():
+    first_hour = README[README.index("## Your first hour"):README.index("## Results")]
+    assert shlex.split(devices.CPU_EXPERIMENT)[2:] in commands(first_hour, "train.py")
 
 
 def test_readme_commands_make_one_row_per_pair_and_method(tmp_path):
     """The README's commands that reproduce the paper's table, as configurations (no training): four rows of three
     seeds."""
-    section = README[README.index("## Results"):README.index("### The paper's ablations")]
+    section = EXPERIMENTS[EXPERIMENTS.index("## 0. The paper's own"):]
     for i, argv in enumerate(commands(section, "train.py")):
         write_run(tmp_path / str(i), train.resolve_config(train.parse_args([*argv, "--device", "cpu"])), 70.0 + i)
     code, _, stderr = call_report(tmp_path, "--no-plot")
