@@ -57,7 +57,7 @@ def distil(teacher, student_name, datasets, epochs, seed=0, device="cpu"):
 
 
 def main(argv=None):
-    p = cli.Parser(prog="python minimal.py", description=__doc__.split("\n")[0])
+    p = cli.Parser(prog="python minimal.py", description="\n\n".join(__doc__.split("\n\n")[:2]))
     p.add_argument("--teacher", default="resnet32x4", choices=models.MODEL_NAMES, metavar="NAME", help="teacher model")
     p.add_argument("--teacher-ckpt", required=True, help="its weights (the published ckpt_epoch_240.pth, or a last.pt)")
     p.add_argument("--student", default="resnet8x4", choices=models.MODEL_NAMES, metavar="NAME",

@@ -6,7 +6,7 @@
 Runs whose configurations differ only in the seed (or in where and how fast they ran) make one row: mean and sample
 standard deviation of the test accuracy at the last epoch and at the best epoch. The dataset is a column: runs on
 synthetic data (--dataset fake, fake-full) test the code, not the method, and never share a row with CIFAR-100's.
-The figures: FIGURE, below, which report.md quotes.
+The figures, which report.md describes too:
 """
 import contextlib
 import csv
@@ -306,7 +306,7 @@ def plot_against(key, series, path):
 
 
 def main(argv=None):
-    p = cli.Parser(prog="python report.py", description=__doc__)
+    p = cli.Parser(prog="python report.py", description=__doc__ + FIGURE)
     p.add_argument("runs_dirs", nargs="*", type=Path, default=[Path("runs")], metavar="RUNS_DIR",
                    help="folders searched, at any depth, for run folders (default runs/); their runs are pooled")
     p.add_argument("--out", type=Path, help="folder for report.md, report.csv, figures (default the first RUNS_DIR)")

@@ -78,3 +78,17 @@ def test_the_alpha_scale_list_matches_the_notebook_s_weights_and_sweeps_two_dist
     table = {line.split(" --out ")[1]: line for line in (EXPERIMENTS / "ablations.txt").read_text().splitlines()}
     for line in (EXPERIMENTS / "alpha-scale.txt").read_text().splitlines():
         assert table.get(line.split(" --out ")[1], line) == line  # a folder of the table's: its very line
+
+
+def test_the_longer_list_runs_the_deciding_rows_for_20_epochs():
+    """experiments/longer.txt (issue 35): the student alone, KD, SRD as published (alpha 4 at 2.0), SRD at the best
+    alpha of alpha-scale.txt's matched rows with its matched weight, and MSE at 2.0; 20 epochs, seeds 0, 1, 2."""
+    lines = parsed("longer.txt")
+    assert {(s.student, s.train_subset, s.epochs) for s in lines} == {("resnet8", 10000, 20)}
+    rows = {(s.method or "none", s.distance or "logsum", s.alpha or 4.0, s.feat_weight or 2.0) for s in lines
+            if s.method != "kd"} | {("kd",) for s in lines if s.method == "kd"}
+    matched = {(s.alpha or 4.0, s.feat_weight or 2.0) for s in parsed("alpha-scale.txt") if s.distance != "mse"}
+    best = [row for row in rows if row[0] == "srd" and row[1:3] != ("logsum", 4.0) and row[1] != "mse"]
+    assert len(rows) == 5 and len(best) == 1 and best[0][2:] in matched
+    assert {("none", "logsum", 4.0, 2.0), ("kd",), ("srd", "logsum", 4.0, 2.0), ("srd", "mse", 4.0, 2.0)} < rows
+    assert sorted(s.seed for s in lines) == [0] * 5 + [1] * 5 + [2] * 5 and len({s.out for s in lines}) == 15

@@ -406,6 +406,7 @@ def test_help_shows_every_default(capsys):
                                                                                "1024")):
         assert f"{flag} (default: {default})" in help_text, flag
     assert "(default: None)" not in help_text
+    assert "python train.py --teacher resnet32x4 --student resnet8x4" in help_text  # the docstring's examples
 
 
 def test_a_teacher_checkpoint_that_is_missing_or_a_folder(tmp_path):

@@ -38,7 +38,7 @@ NOT_RECORDED = ("resume", "out", "given", "device_lines", "from_record", "allow_
 
 def make_parser():
     positive, count = cli.number(minimum=0, above=True), cli.number(int, 1)
-    p = cli.Parser(prog="python train.py", description=__doc__.split("\n")[0])
+    p = cli.Parser(prog="python train.py", description="\n\n".join(__doc__.split("\n\n")[:2]))
     p.add_argument("--student", choices=models.MODEL_NAMES, metavar="NAME", help="model to train (required, but "
                    "a resumed run's folder records it): " + ", ".join(models.MODEL_NAMES))
     p.add_argument("--teacher", choices=models.MODEL_NAMES, metavar="NAME", help="teacher to distil from (same names)")
