@@ -54,7 +54,8 @@ def add_flags(parser):
 def recorded_identity(folder):
     """--student, --teacher and --method as the run in `folder` recorded them: --resume needs nothing else."""
     if not (folder / "last.pt").exists() and not (folder / "config.json").exists():
-        sys.exit(f"error: --resume: no run in {folder} (no last.pt, no config.json); or run the job's command --resume")
+        sys.exit(f"error: --resume: no run in {folder} (no last.pt, no config.json); to resume a job still training "
+                 f"its teacher, add --resume to the job's own command")
     checkpoint = read_checkpoint(folder, None) if (folder / "last.pt").exists() else None
     record, _ = cli.recorded_config(folder, checkpoint, ("student", "teacher", "method"))
     return [str(value) for value in ("--student", record["student"], *(["--teacher", record["teacher"]] if
